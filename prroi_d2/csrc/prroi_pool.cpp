@@ -1,0 +1,120 @@
+// The operator schema (torch.ops.prroi_d2.*), its dispatching entry points and argument checks.
+#include "prroi_pool.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#ifdef WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace prroi_d2 {
+
+at::Tensor prroi_pool2d(
+    const at::Tensor& features,
+    const at::Tensor& rois,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    double spatial_scale,
+    bool aligned) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("prroi_d2::prroi_pool2d", "")
+                       .typed<decltype(prroi_pool2d)>();
+  return op.call(features, rois, pooled_height, pooled_width, spatial_scale, aligned);
+}
+
+std::tuple<at::Tensor, at::Tensor> prroi_pool2d_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& features,
+    const at::Tensor& rois,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    double spatial_scale,
+    bool aligned,
+    bool features_requires_grad,
+    bool rois_requires_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("prroi_d2::_prroi_pool2d_backward", "")
+                       .typed<decltype(prroi_pool2d_backward)>();
+  return op.call(
+      grad_output,
+      features,
+      rois,
+      pooled_height,
+      pooled_width,
+      spatial_scale,
+      aligned,
+      features_requires_grad,
+      rois_requires_grad);
+}
+
+namespace detail {
+
+void check_forward_args(
+    const at::Tensor& features,
+    const at::Tensor& rois,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    double spatial_scale) {
+  TORCH_CHECK_VALUE(features.dim() == 4, "prroi_pool2d: features must be 4-D (N, C, H, W), got shape ",
+                    features.sizes());
+  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5,
+                    "prroi_pool2d: rois must be (K, 5) rows of (batch_index, x0, y0, x1, y1) or a list of (Ki, 4) "
+                    "boxes, got shape ", rois.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(features.scalar_type()),
+                   "prroi_pool2d: features must be a floating-point tensor, got ", features.scalar_type());
+  TORCH_CHECK_TYPE(rois.scalar_type() == features.scalar_type(), "prroi_pool2d: rois dtype ", rois.scalar_type(),
+                   " does not match features dtype ", features.scalar_type());
+  TORCH_CHECK_VALUE(rois.device() == features.device(), "prroi_pool2d: rois are on ", rois.device(),
+                    " but features are on ", features.device());
+  TORCH_CHECK_VALUE(pooled_height >= 1, "prroi_pool2d: pooled_height must be >= 1, got ", pooled_height);
+  TORCH_CHECK_VALUE(pooled_width >= 1, "prroi_pool2d: pooled_width must be >= 1, got ", pooled_width);
+  TORCH_CHECK_VALUE(std::isfinite(spatial_scale) && spatial_scale > 0,
+                    "prroi_pool2d: spatial_scale must be finite and > 0, got ", spatial_scale);
+  TORCH_CHECK_VALUE(features.size(2) <= INT32_MAX && features.size(3) <= INT32_MAX && features.size(0) <= INT32_MAX,
+                    "prroi_pool2d: features height, width and batch must each be < 2^31, got ", features.sizes());
+}
+
+void check_backward_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& features,
+    const at::Tensor& rois,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    double spatial_scale) {
+  check_forward_args(features, rois, pooled_height, pooled_width, spatial_scale);
+  const std::vector<int64_t> expected = {rois.size(0), features.size(1), pooled_height, pooled_width};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected), "prroi_pool2d backward: grad_output must have "
+                    "shape ", at::IntArrayRef(expected), ", got ", grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.device() == features.device(), "prroi_pool2d backward: grad_output is on ",
+                    grad_output.device(), " but features are on ", features.device());
+}
+
+}  // namespace detail
+
+namespace {
+
+int64_t cuda_version() {
+#ifdef WITH_CUDA
+  return CUDART_VERSION;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(prroi_d2, m) {
+  m.def(
+      "prroi_pool2d(Tensor features, Tensor rois, int pooled_height, int pooled_width, float spatial_scale, "
+      "bool aligned) -> Tensor");
+  m.def(
+      "_prroi_pool2d_backward(Tensor grad_output, Tensor features, Tensor rois, int pooled_height, "
+      "int pooled_width, float spatial_scale, bool aligned, bool features_requires_grad, bool rois_requires_grad)"
+      " -> (Tensor, Tensor)");
+  m.def("_cuda_version() -> int", &cuda_version);
+}
+
+}  // namespace prroi_d2

@@ -1,0 +1,89 @@
+// Geometry of Precise RoI Pooling shared by the CPU and CUDA kernels.
+//
+// The feature map is the bilinear interpolation of its pixels, pixel (i, j) at x = j, y = i, zero outside the grid:
+//   f(x, y) = sum_ij F[i, j] * hat(x - j) * hat(y - i),   hat(t) = max(0, 1 - |t|).
+// The integral of f over a bin [x_lo, x_hi] x [y_lo, y_hi] is separable:
+//   S = sum_ij F[i, j] * wy_i * wx_j,   wx_j = integral of hat(x - j) over [x_lo, x_hi],
+// and only pixels j in [floor(x_lo), ceil(x_hi)] have a non-zero weight, which bounds every loop by the map size.
+// Derivatives of the weights with respect to the bin edges are hat values: d wx_j / d x_hi = hat(x_hi - j),
+// d wx_j / d x_lo = -hat(x_lo - j).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define PRROI_HD __host__ __device__ __forceinline__
+#else
+#define PRROI_HD inline
+#endif
+
+namespace prroi_d2 {
+
+// integral of (1 - |t|) over [a, b], for -1 <= a <= b <= 1.
+template <typename T>
+PRROI_HD T hat_integral(T a, T b) {
+  return (b - a) - (b * std::abs(b) - a * std::abs(a)) * T(0.5);
+}
+
+// Weight of pixel `j` in the integral over [lo, hi] of the interpolated line.
+template <typename T>
+PRROI_HD T cell_weight(T lo, T hi, int j) {
+  const T a = lo - T(j) < T(-1) ? T(-1) : lo - T(j);
+  const T b = hi - T(j) > T(1) ? T(1) : hi - T(j);
+  return b > a ? hat_integral(a, b) : T(0);
+}
+
+// hat(x - j): the interpolation weight of pixel `j` at position x.
+template <typename T>
+PRROI_HD T hat(T x, int j) {
+  const T d = std::abs(x - T(j));
+  return d < T(1) ? T(1) - d : T(0);
+}
+
+// First and last pixel index in [0, size) with a non-zero weight over [lo, hi]; first > last when none.
+// Clamping happens in floating point, so huge or far-outside coordinates never overflow an int.
+template <typename T>
+PRROI_HD void pixel_range(T lo, T hi, int size, int* first, int* last) {
+  T f = std::floor(lo);
+  T l = std::ceil(hi);
+  f = f < T(0) ? T(0) : (f > T(size) ? T(size) : f);
+  l = l > T(size - 1) ? T(size - 1) : (l < T(-1) ? T(-1) : l);
+  *first = static_cast<int>(f);
+  *last = static_cast<int>(l);
+}
+
+// A box decoded into feature-map pixels. `valid` is false for a non-finite coordinate or, where the caller asks
+// for it, a batch index that is not an integer in [0, batch_size).
+template <typename T>
+struct RoiGeometry {
+  T x0, y0;          // top-left corner in map pixels
+  T bin_w, bin_h;    // bin size (>= 0; 0 for inverted or empty boxes)
+  T area;            // bin_w * bin_h
+  int batch;
+  bool valid;
+};
+
+template <typename T>
+PRROI_HD RoiGeometry<T> decode_roi(
+    const T* roi, T spatial_scale, bool aligned, int pooled_height, int pooled_width, int batch_size) {
+  RoiGeometry<T> g;
+  const T offset = aligned ? T(0.5) : T(0);
+  const T b = roi[0];
+  const T x0 = roi[1] * spatial_scale - offset;
+  const T y0 = roi[2] * spatial_scale - offset;
+  const T x1 = roi[3] * spatial_scale - offset;
+  const T y1 = roi[4] * spatial_scale - offset;
+  g.valid = std::isfinite(x0) && std::isfinite(y0) && std::isfinite(x1) && std::isfinite(y1) && b >= T(0) &&
+      b < T(batch_size) && std::floor(b) == b;
+  g.batch = g.valid ? static_cast<int>(b) : 0;
+  g.x0 = x0;
+  g.y0 = y0;
+  const T w = x1 - x0;
+  const T h = y1 - y0;
+  g.bin_w = (w > T(0) ? w : T(0)) / T(pooled_width);
+  g.bin_h = (h > T(0) ? h : T(0)) / T(pooled_height);
+  g.area = g.bin_w * g.bin_h;
+  return g;
+}
+
+}  // namespace prroi_d2

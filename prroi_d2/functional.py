@@ -1,0 +1,100 @@
+"""Precise RoI Pooling, functional form.
+
+Each output bin is the exact integral of the bilinearly interpolated feature map over the bin, divided by the bin
+area (Jiang et al., ECCV 2018). The result is continuous in the box coordinates and differentiable with respect to
+both the features and the four box coordinates.
+
+Geometry: pixel ``(i, j)`` of the map sits at ``x = j, y = i``; the interpolated map is zero outside the pixel grid
+(it ramps linearly to zero over the one-pixel border around it). A box ``(x0, y0, x1, y1)`` is multiplied by
+``spatial_scale`` and covers ``[x0, x1) x [y0, y1)``; with ``aligned=True`` the scaled box is shifted by -0.5 pixel
+(the half-pixel geometry of Detectron2's ``ROIAlignV2``). Inverted boxes have zero width or height, and a bin of zero
+area pools to 0.
+
+Defined results for bad boxes:
+  * a box with a NaN or infinite coordinate pools to NaN; it reads no feature and adds nothing to the feature
+    gradient, and its coordinate gradient is NaN;
+  * on CUDA, a box whose batch index is not an integer in ``[0, N)`` pools to NaN in the same way (checking it would
+    need a host synchronisation); on the CPU it raises a ``ValueError``.
+"""
+
+from typing import List, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from prroi_d2 import _extension
+
+_extension.load()
+
+__all__ = ["prroi_pool2d", "prroi_pool", "boxes_to_rois"]
+
+
+def boxes_to_rois(boxes: Union[Tensor, List[Tensor]]) -> Tensor:
+    """Return rois ``(K, 5)`` from a ``(K, 5)`` tensor or a list of per-image ``(Ki, 4)`` box tensors.
+
+    The list form prepends each box's image index; gradients flow back to the listed tensors. A tensor is returned
+    as it is (the op checks its shape).
+    """
+    if isinstance(boxes, Tensor):
+        return boxes
+    if len(boxes) == 0:
+        raise ValueError("rois is an empty list: pass one (Ki, 4) box tensor per image (Ki may be 0)")
+    for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.size(1) != 4:
+            raise ValueError("rois[{}] must be a (Ki, 4) box tensor, got shape {}".format(i, b.shape))
+        if b.dtype != boxes[0].dtype or b.device != boxes[0].device:
+            raise ValueError("rois[{}] differs from rois[0] in dtype or device".format(i))
+    index = [torch.full_like(b[:, :1], float(i)) for i, b in enumerate(boxes)]
+    return torch.cat([torch.cat(index, dim=0), torch.cat(boxes, dim=0)], dim=1)
+
+
+def prroi_pool2d(
+    features: Tensor,
+    rois: Union[Tensor, List[Tensor]],
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    aligned: bool = False,
+) -> Tensor:
+    """Precise RoI Pooling, in the argument order of the original ``prroi_pool`` package.
+
+    Args:
+        features: (N, C, H, W) float32 or float64; float16 and bfloat16 too on CUDA.
+        rois: (K, 5) ``(batch_index, x0, y0, x1, y1)`` in input coordinates, same dtype and device as
+            ``features``; or a list of N per-image (Ki, 4) ``(x0, y0, x1, y1)`` tensors.
+        pooled_height, pooled_width: output bins per box, >= 1.
+        spatial_scale: factor from input coordinates to feature-map pixels (e.g. 1/16), finite and > 0.
+        aligned: shift scaled boxes by -0.5 pixel (Detectron2 ``ROIAlignV2`` geometry).
+
+    Returns:
+        (K, C, pooled_height, pooled_width), contiguous.
+
+    Bad arguments raise ``ValueError`` or ``TypeError`` naming the argument.
+    """
+    return torch.ops.prroi_d2.prroi_pool2d(
+        features, boxes_to_rois(rois), pooled_height, pooled_width, spatial_scale, aligned
+    )
+
+
+def prroi_pool(
+    features: Tensor,
+    rois: Union[Tensor, List[Tensor]],
+    output_size: Union[int, Tuple[int, int], List[int]],
+    spatial_scale: float = 1.0,
+    aligned: bool = False,
+) -> Tensor:
+    """Precise RoI Pooling in the argument order of ``torchvision.ops.roi_align``.
+
+    ``output_size`` is an int or a ``(height, width)`` pair; see :func:`prroi_pool2d` for the rest.
+    """
+    pooled_height, pooled_width = output_size_pair(output_size)
+    return prroi_pool2d(features, rois, pooled_height, pooled_width, spatial_scale, aligned)
+
+
+def output_size_pair(output_size: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:
+    """``7 -> (7, 7)``; ``(7, 5) -> (7, 5)``."""
+    if isinstance(output_size, int):
+        return output_size, output_size
+    if len(output_size) != 2:
+        raise ValueError("output_size must be an int or a (height, width) pair, got {}".format(output_size))
+    return output_size[0], output_size[1]
