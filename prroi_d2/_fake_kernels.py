@@ -27,8 +27,6 @@ def _prroi_pool2d_backward_fake(
     features_requires_grad: bool,
     rois_requires_grad: bool,
 ):
-    grad_features = (
-        features.new_empty(features.shape) if features_requires_grad else features.new_empty((0,))
-    )
+    grad_features = features.new_empty(features.shape) if features_requires_grad else features.new_empty((0,))
     grad_rois = rois.new_empty((rois.size(0), 5)) if rois_requires_grad else rois.new_empty((0,))
     return grad_features, grad_rois

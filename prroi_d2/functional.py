@@ -11,8 +11,8 @@ Geometry: pixel ``(i, j)`` of the map sits at ``x = j, y = i``; the interpolated
 area pools to 0.
 
 Defined results for bad boxes:
-  * a box with a NaN or infinite coordinate pools to NaN; it reads no feature and adds nothing to the feature
-    gradient, and its coordinate gradient is NaN;
+  * a box with a NaN or infinite coordinate (or a width or height that overflows) pools to NaN; it reads no
+    feature and adds nothing to the feature gradient, and its coordinate gradient is NaN;
   * on CUDA, a box whose batch index is not an integer in ``[0, N)`` pools to NaN in the same way (checking it would
     need a host synchronisation); on the CPU it raises a ``ValueError``.
 """

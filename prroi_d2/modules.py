@@ -23,9 +23,7 @@ class PrRoIPool2D(nn.Module):
         self.aligned = bool(aligned)
 
     def forward(self, features: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
-        return prroi_pool2d(
-            features, rois, self.pooled_height, self.pooled_width, self.spatial_scale, self.aligned
-        )
+        return prroi_pool2d(features, rois, self.pooled_height, self.pooled_width, self.spatial_scale, self.aligned)
 
     def extra_repr(self) -> str:
         return "pooled_height={}, pooled_width={}, spatial_scale={}, aligned={}".format(

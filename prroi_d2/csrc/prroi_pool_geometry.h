@@ -52,7 +52,7 @@ PRROI_HD void pixel_range(T lo, T hi, int size, int* first, int* last) {
   *last = static_cast<int>(l);
 }
 
-// A box decoded into feature-map pixels. `valid` is false for a non-finite coordinate or, where the caller asks
+// A box decoded into feature-map pixels. `valid` is false for a non-finite coordinate, width or height, or, where the caller asks
 // for it, a batch index that is not an integer in [0, batch_size).
 template <typename T>
 struct RoiGeometry {
@@ -73,8 +73,9 @@ PRROI_HD RoiGeometry<T> decode_roi(
   const T y0 = roi[2] * spatial_scale - offset;
   const T x1 = roi[3] * spatial_scale - offset;
   const T y1 = roi[4] * spatial_scale - offset;
-  g.valid = std::isfinite(x0) && std::isfinite(y0) && std::isfinite(x1) && std::isfinite(y1) && b >= T(0) &&
-      b < T(batch_size) && std::floor(b) == b;
+  // A finite box whose width or height overflows counts as non-finite too.
+  g.valid = std::isfinite(x1 - x0) && std::isfinite(y1 - y0) && b >= T(0) && b < T(batch_size) &&
+      std::floor(b) == b;
   g.batch = g.valid ? static_cast<int>(b) : 0;
   g.x0 = x0;
   g.y0 = y0;

@@ -1,0 +1,15 @@
+# The two set-up commands of the README. Each creates or reuses .venv (tools/dev_env.sh) first.
+.PHONY: demo test lint env
+
+env:
+	bash tools/dev_env.sh
+
+demo: env
+	.venv/bin/python tools/demo_pooler_swap.py
+
+test: env lint
+	.venv/bin/python -m pytest tests -q -p no:cacheprovider
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .

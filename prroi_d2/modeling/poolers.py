@@ -1,0 +1,182 @@
+"""Precise RoI Pooling as pooler types of Detectron2's ``ROIPooler``.
+
+Importing this module (``import prroi_d2`` does it when Detectron2 is installed) makes every ``ROIPooler`` accept
+
+* ``"PrRoIPool"``: Precise RoI Pooling in the original geometry (``aligned=False``, like ``"ROIAlign"``);
+* ``"PrRoIPoolV2"``: Precise RoI Pooling in the half-pixel geometry of ``"ROIAlignV2"`` (``aligned=True``).
+
+So ``cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "PrRoIPoolV2"`` (likewise ``ROI_MASK_HEAD``, ``ROI_KEYPOINT_HEAD``) or
+``LazyCall(ROIPooler)(..., pooler_type="PrRoIPoolV2")`` switches a head to Precise RoI Pooling. PrRoI pooling
+integrates each bin exactly, so ``sampling_ratio`` is ignored. The poolers hold no parameters: weights trained with
+another pooler type load unchanged.
+
+This module is the one place where Detectron2 is extended. ``ROIPooler.__init__`` is wrapped once (the wrapper
+carries the ``_prroi_d2_pooler_types`` registry and ``__wrapped__`` points at Detectron2's own ``__init__``). For a
+registered type the wrapper runs Detectron2's ``__init__`` as if ``"ROIAlignV2"`` had been asked for (so scales,
+output size and levels are validated and set up by Detectron2 itself), then replaces ``level_poolers`` with one
+module per scale built by the registered factory. Any other type goes to Detectron2's ``__init__`` untouched, so the
+stock types behave as before and unknown names still raise Detectron2's ``ValueError``. ``ROIPooler.forward``
+(level assignment, box format, output order) is Detectron2's own.
+
+Further pooler types are added with :func:`register_pooler_type`.
+"""
+
+import functools
+import inspect
+import threading
+from collections.abc import Callable
+
+import torch
+from detectron2.modeling.poolers import ROIPooler
+from torch import Tensor, nn
+
+from prroi_d2.functional import prroi_pool2d
+from prroi_d2.modules import PrRoIPool
+
+__all__ = [
+    "PRROI_POOLER_TYPES",
+    "LevelPrRoIPool",
+    "PoolerFactory",
+    "register_pooler_type",
+    "registered_pooler_types",
+]
+
+PoolerFactory = Callable[[tuple[int, int], float, int], nn.Module]
+"""``factory(output_size (h, w), spatial_scale, sampling_ratio) -> module``; ``module(features, rois (K, 5))``."""
+
+PRROI_POOLER_TYPES = ("PrRoIPool", "PrRoIPoolV2")
+
+# The pooler types Detectron2 itself implements (v0.6 and main); probing ROIPooler also catches later additions.
+_DETECTRON2_POOLER_TYPES = frozenset({"ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated"})
+# A stock type whose setup (levels, checks) a registered type reuses before its level poolers are replaced.
+_SETUP_POOLER_TYPE = "ROIAlignV2"
+_REGISTRY_ATTR = "_prroi_d2_pooler_types"
+_LOCK = threading.RLock()
+
+
+def _install() -> dict[str, PoolerFactory]:
+    """Wrap ``ROIPooler.__init__`` unless already wrapped; return the registry the wrapper reads."""
+    with _LOCK:
+        current = ROIPooler.__init__
+        registry = getattr(current, _REGISTRY_ATTR, None)
+        if registry is not None:
+            return registry
+        original = current
+        signature = inspect.signature(original)
+        registry = {}
+
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError:
+                bound = None  # let Detectron2 report the bad call
+            pooler_type = bound.arguments.get("pooler_type") if bound is not None else None
+            factory = registry.get(pooler_type) if isinstance(pooler_type, str) else None
+            if factory is None:
+                original(self, *args, **kwargs)
+                return
+            bound.arguments["pooler_type"] = _SETUP_POOLER_TYPE
+            original(*bound.args, **bound.kwargs)
+            output_size = (int(self.output_size[0]), int(self.output_size[1]))
+            sampling_ratio = bound.arguments["sampling_ratio"]
+            self.level_poolers = nn.ModuleList(
+                factory(output_size, float(scale), sampling_ratio) for scale in bound.arguments["scales"]
+            )
+
+        setattr(__init__, _REGISTRY_ATTR, registry)
+        ROIPooler.__init__ = __init__
+        return registry
+
+
+def _original_init():
+    init = ROIPooler.__init__
+    while getattr(init, _REGISTRY_ATTR, None) is not None:
+        init = init.__wrapped__
+    return init
+
+
+def _is_detectron2_pooler_type(name: str) -> bool:
+    if name in _DETECTRON2_POOLER_TYPES:
+        return True
+    # A name Detectron2 accepts builds a one-level pooler; an unknown one raises ("Unknown pooler type").
+    probe = ROIPooler.__new__(ROIPooler)
+    try:
+        _original_init()(probe, 1, (1.0,), 0, name)
+    except (ValueError, TypeError, AssertionError, RuntimeError):
+        return False
+    return True
+
+
+def register_pooler_type(name: str, factory: PoolerFactory, overwrite: bool = False) -> None:
+    """Make ``ROIPooler(..., pooler_type=name)`` build its level poolers with ``factory``.
+
+    Args:
+        name: the ``pooler_type`` string (e.g. the value of ``cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE``). It must not be
+            a type Detectron2 implements itself (``ROIAlign``, ``ROIAlignV2``, ``ROIPool``, ``ROIAlignRotated``).
+        factory: called once per feature level as ``factory(output_size, spatial_scale, sampling_ratio)`` with
+            ``output_size`` an ``(h, w)`` pair; returns an ``nn.Module`` mapping ``(features (N, C, H, W), rois
+            (K, 5) (batch_index, x0, y0, x1, y1))`` to ``(K, C, h, w)``.
+        overwrite: replace a different factory already registered under ``name``.
+
+    Registering the same factory again is a no-op. Raises ``ValueError`` for a Detectron2 name, or for a name taken
+    by another factory when ``overwrite`` is false; ``TypeError`` for a bad name or a non-callable factory.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"pooler type name must be a non-empty str, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory for pooler type {name!r} must be callable, got {factory!r}")
+    with _LOCK:
+        registry = _install()
+        existing = registry.get(name)
+        if existing is factory:
+            return
+        if _is_detectron2_pooler_type(name):
+            raise ValueError(f"pooler type {name!r} is implemented by Detectron2 and cannot be registered")
+        if existing is not None and not overwrite:
+            raise ValueError(
+                f"pooler type {name!r} is already registered with {existing!r}; pass overwrite=True to replace it"
+            )
+        registry[name] = factory
+
+
+def registered_pooler_types() -> tuple[str, ...]:
+    """The pooler types added to ``ROIPooler`` through :func:`register_pooler_type`, sorted."""
+    with _LOCK:
+        return tuple(sorted(_install()))
+
+
+class LevelPrRoIPool(PrRoIPool):
+    """:class:`~prroi_d2.PrRoIPool` as one level of a ``ROIPooler``: rois ``(K, 5)`` may differ in dtype from the
+    features.
+
+    Detectron2's ``Boxes`` are always float32 while features may be float64, float16 or bfloat16. Detectron2's
+    ``ROIAlign`` casts the rois to the features' dtype; here both are cast to the wider of the two dtypes instead (so
+    box coordinates never lose precision, which the IoU-Net box refinement needs) and the result is returned in the
+    features' dtype.
+    """
+
+    def forward(self, features: Tensor, rois: Tensor) -> Tensor:
+        dtype = torch.promote_types(features.dtype, rois.dtype)
+        out = prroi_pool2d(
+            features.to(dtype),
+            rois.to(dtype),
+            self.pooled_height,
+            self.pooled_width,
+            self.spatial_scale,
+            self.aligned,
+        )
+        return out.to(features.dtype)
+
+
+def _prroi_pool(output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int) -> nn.Module:
+    return LevelPrRoIPool(output_size, spatial_scale=spatial_scale, aligned=False)
+
+
+def _prroi_pool_v2(output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int) -> nn.Module:
+    return LevelPrRoIPool(output_size, spatial_scale=spatial_scale, aligned=True)
+
+
+# overwrite=True: a reloaded module re-registers its own (new) factory objects.
+register_pooler_type("PrRoIPool", _prroi_pool, overwrite=True)
+register_pooler_type("PrRoIPoolV2", _prroi_pool_v2, overwrite=True)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (see README, "GPU tests and benchmarks"): set up, build with CUDA, then run the steps
+# named on the command line: tests (pytest -m cuda), sanitize (compute-sanitizer memcheck + racecheck on the CUDA
+# op tests), bench (tools/benchmark_op.py), or a quoted command. Logs go to $OUT (or ./gpu-logs) when set.
+#
+#   bash tools/gpu_check.sh tests sanitize bench
+#
+# Expects the wheels of ../shared/deps/gpu and the pb1-detectron2 sdist copied into .gpu/ (README says how).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${OUT:-gpu-logs}
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+
+step() { echo "== $* ($(date +%T))"; }
+
+step "python deps into /tmp/site"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl
+export PYTHONPATH=/tmp/site
+if [ "${SKIP_DETECTRON2:-0}" != 1 ]; then step "detectron2"
+python3 tools/install_detectron2.py --sdist .gpu/pb1-detectron2-0.6.tar.gz --target /tmp/site --no-deps \
+  > "$LOG_DIR/install_detectron2.log" 2>&1 || { tail -20 "$LOG_DIR/install_detectron2.log"; exit 1; }; fi
+step "build (CUDA, sm_90)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$LOG_DIR/build.log" 2>&1 \
+  || { grep -E "error|Error" "$LOG_DIR/build.log" | head -40; exit 1; }
+export PYTHONPATH=$PWD:/tmp/site
+python3 -c "import torch, prroi_d2._extension as e; print('torch', torch.__version__, 'built with CUDA', e.cuda_version())"
+
+status=0
+for what in "$@"; do
+  case "$what" in
+    tests)
+      step "CUDA tests"
+      python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$LOG_DIR/cuda_tests.log" | tail -25 \
+        || status=1 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        step "compute-sanitizer --tool $tool"
+        compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest tests/test_prroi_pool.py -m cuda -q \
+          -p no:cacheprovider -k "not compile and not gradcheck" > "$LOG_DIR/sanitizer_$tool.log" 2>&1 || status=1
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$LOG_DIR/sanitizer_$tool.log" | tail -3
+      done ;;
+    bench)
+      step "benchmark"
+      python3 tools/benchmark_op.py --device cuda 2>&1 | tee "$LOG_DIR/benchmark.log" || status=1 ;;
+    *)
+      step "$what"
+      bash -c "$what" || status=1 ;;
+  esac
+done
+exit $status
