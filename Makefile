@@ -5,10 +5,10 @@ env:
 	bash tools/dev_env.sh
 
 demo: env
-	.venv/bin/python tools/demo_pooler_swap.py
+	PYTHONPATH=$(CURDIR) .venv/bin/python tools/demo_pooler_swap.py
 
 test: env lint
-	.venv/bin/python -m pytest tests -q -p no:cacheprovider
+	PYTHONPATH=$(CURDIR) .venv/bin/python -m pytest tests -q -p no:cacheprovider
 
 lint:
 	.venv/bin/ruff check .

@@ -76,7 +76,9 @@ def build_cfg(args):
     cfg.INPUT.MIN_SIZE_TEST = 160
     cfg.INPUT.MAX_SIZE_TEST = 192
     cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.SOLVER.BASE_LR = 0.005
+    cfg.SOLVER.BASE_LR = 0.001
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True  # a randomly initialised R50 (no download) needs it
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
     cfg.SOLVER.MAX_ITER = args.iters
     cfg.SOLVER.STEPS = ()
     cfg.SOLVER.WARMUP_ITERS = 0
