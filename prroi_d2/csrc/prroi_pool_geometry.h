@@ -87,4 +87,24 @@ PRROI_HD RoiGeometry<T> decode_roi(
   return g;
 }
 
+// Chain rule from one bin to its box. `s` is the bin integral and `s_*` its derivatives with respect to the bin
+// edges; `go` is dL/d(output of the bin). Adds dL/d(x0, y0, x1, y1) of the box, in map pixels, to `d[0..3]`.
+// out = S / (bin_w * bin_h) with the four edges independent; x_lo = x0 + pw * (x1 - x0) / PW, x_hi likewise.
+template <typename T>
+PRROI_HD void add_box_gradient(
+    const RoiGeometry<T>& g, int ph, int pw, int ph_n, int pw_n, T go, T s, T s_xlo, T s_xhi, T s_ylo, T s_yhi,
+    T* d) {
+  const T out = s / g.area;
+  const T g_xlo = go * (s_xlo / g.area + out / g.bin_w);
+  const T g_xhi = go * (s_xhi / g.area - out / g.bin_w);
+  const T g_ylo = go * (s_ylo / g.area + out / g.bin_h);
+  const T g_yhi = go * (s_yhi / g.area - out / g.bin_h);
+  const T tx_lo = T(pw) / pw_n, tx_hi = T(pw + 1) / pw_n;
+  const T ty_lo = T(ph) / ph_n, ty_hi = T(ph + 1) / ph_n;
+  d[0] += g_xlo * (1 - tx_lo) + g_xhi * (1 - tx_hi);
+  d[1] += g_ylo * (1 - ty_lo) + g_yhi * (1 - ty_hi);
+  d[2] += g_xlo * tx_lo + g_xhi * tx_hi;
+  d[3] += g_ylo * ty_lo + g_yhi * ty_hi;
+}
+
 }  // namespace prroi_d2

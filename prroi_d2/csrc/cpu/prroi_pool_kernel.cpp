@@ -169,7 +169,7 @@ void rois_backward_impl(
       }
       ax.build(g.x0, g.bin_w, pw_n, W, true);
       ay.build(g.y0, g.bin_h, ph_n, H, true);
-      acc_t d_x0 = 0, d_y0 = 0, d_x1 = 0, d_y1 = 0;
+      acc_t d[4] = {0, 0, 0, 0};  // x0, y0, x1, y1
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* plane = fdata + (g.batch * C + c) * H * W;
         const scalar_t* go = gdata + (k * C + c) * ph_n * pw_n;
@@ -196,27 +196,12 @@ void rois_backward_impl(
               s_ylo -= ay.at_lo[yo + r] * row_area;
               s_yhi += ay.at_hi[yo + r] * row_area;
             }
-            // out = S / (bin_w * bin_h), with the four bin edges as independent variables.
-            const acc_t out = s / g.area;
-            const acc_t g_xlo = gout * (s_xlo / g.area + out / g.bin_w);
-            const acc_t g_xhi = gout * (s_xhi / g.area - out / g.bin_w);
-            const acc_t g_ylo = gout * (s_ylo / g.area + out / g.bin_h);
-            const acc_t g_yhi = gout * (s_yhi / g.area - out / g.bin_h);
-            // x_lo = x0 + pw * (x1 - x0) / PW, x_hi = x0 + (pw + 1) * (x1 - x0) / PW; same for y.
-            const acc_t tx_lo = acc_t(pw) / pw_n, tx_hi = acc_t(pw + 1) / pw_n;
-            const acc_t ty_lo = acc_t(ph) / ph_n, ty_hi = acc_t(ph + 1) / ph_n;
-            d_x0 += g_xlo * (1 - tx_lo) + g_xhi * (1 - tx_hi);
-            d_x1 += g_xlo * tx_lo + g_xhi * tx_hi;
-            d_y0 += g_ylo * (1 - ty_lo) + g_yhi * (1 - ty_hi);
-            d_y1 += g_ylo * ty_lo + g_yhi * ty_hi;
+            add_box_gradient(g, ph, pw, ph_n, pw_n, gout, s, s_xlo, s_xhi, s_ylo, s_yhi, d);
           }
         }
       }
       const acc_t s = acc_t(spatial_scale);
-      out[1] = scalar_t(d_x0 * s);
-      out[2] = scalar_t(d_y0 * s);
-      out[3] = scalar_t(d_x1 * s);
-      out[4] = scalar_t(d_y1 * s);
+      for (int t = 0; t < 4; ++t) out[t + 1] = scalar_t(d[t] * s);
     }
   });
 }

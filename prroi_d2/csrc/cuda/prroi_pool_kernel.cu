@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) rois_backward_kernel(
       }
       continue;
     }
-    acc_t d_x0 = 0, d_y0 = 0, d_x1 = 0, d_y1 = 0;
+    acc_t d[4] = {0, 0, 0, 0};  // x0, y0, x1, y1
     for (int e = threadIdx.x; e < per_roi; e += blockDim.x) {
       const int pw = e % pw_n;
       const int ph = (e / pw_n) % ph_n;
@@ -283,28 +283,14 @@ __global__ void __launch_bounds__(kThreads) rois_backward_kernel(
         s_ylo -= hat(y_lo, i) * r_area;
         s_yhi += hat(y_hi, i) * r_area;
       }
-      const acc_t out = s / g.area;
-      const acc_t g_xlo = go * (s_xlo / g.area + out / g.bin_w);
-      const acc_t g_xhi = go * (s_xhi / g.area - out / g.bin_w);
-      const acc_t g_ylo = go * (s_ylo / g.area + out / g.bin_h);
-      const acc_t g_yhi = go * (s_yhi / g.area - out / g.bin_h);
-      const acc_t tx_lo = acc_t(pw) / pw_n, tx_hi = acc_t(pw + 1) / pw_n;
-      const acc_t ty_lo = acc_t(ph) / ph_n, ty_hi = acc_t(ph + 1) / ph_n;
-      d_x0 += g_xlo * (1 - tx_lo) + g_xhi * (1 - tx_hi);
-      d_x1 += g_xlo * tx_lo + g_xhi * tx_hi;
-      d_y0 += g_ylo * (1 - ty_lo) + g_yhi * (1 - ty_hi);
-      d_y1 += g_ylo * ty_lo + g_yhi * ty_hi;
+      add_box_gradient(g, ph, pw, ph_n, pw_n, go, s, s_xlo, s_xhi, s_ylo, s_yhi, d);
     }
-    d_x0 = block_sum(d_x0, shared);
-    d_y0 = block_sum(d_y0, shared);
-    d_x1 = block_sum(d_x1, shared);
-    d_y1 = block_sum(d_y1, shared);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) d[t] = block_sum(d[t], shared);
     if (threadIdx.x == 0) {
-      grad_rois[k * 5 + 0] = scalar_t(0);
-      grad_rois[k * 5 + 1] = static_cast<scalar_t>(d_x0 * scale);
-      grad_rois[k * 5 + 2] = static_cast<scalar_t>(d_y0 * scale);
-      grad_rois[k * 5 + 3] = static_cast<scalar_t>(d_x1 * scale);
-      grad_rois[k * 5 + 4] = static_cast<scalar_t>(d_y1 * scale);
+      grad_rois[k * 5] = scalar_t(0);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) grad_rois[k * 5 + t + 1] = static_cast<scalar_t>(d[t] * scale);
     }
   }
 }
