@@ -48,7 +48,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["prroi_d2", "prroi_d2.*"]),
-    package_data={"prroi_d2": ["csrc/*.h", "csrc/*.cpp", "csrc/*/*.cpp", "csrc/*/*.cu", "csrc/*/*.cuh"]},
+    package_data={"prroi_d2": ["csrc/*.h", "csrc/*/*.h", "csrc/*.cpp", "csrc/*/*.cpp", "csrc/*/*.cu", "csrc/*/*.cuh"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

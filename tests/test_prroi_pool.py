@@ -747,6 +747,72 @@ def test_cuda_matches_cpu(dtype, aligned):
         torch.testing.assert_close(a.cpu(), b, **tol(dtype))
 
 
+def fpn_like_rois(count, batch, height, width, spatial_scale, seed):
+    """(count, 5) rois whose sizes in map pixels run log-uniformly from 0.3 to 70: bins from sub-pixel to wider
+    than every unrolled window of the CUDA kernels, some partly outside the map."""
+    g = torch.Generator().manual_seed(seed)
+    size = torch.exp(torch.empty(count, 2, dtype=F64).uniform_(math.log(0.3), math.log(70.0), generator=g))
+    corner = torch.rand(count, 2, generator=g, dtype=F64) * torch.tensor([width + 6.0, height + 6.0]) - 4.0
+    boxes = torch.cat([corner, corner + size], dim=1) / spatial_scale
+    return torch.cat([batch_column(count, batch, seed + 1), boxes], dim=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pooled", [(7, 7), (14, 14), (5, 9)])
+@pytest.mark.parametrize("count", [9, 700])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_matches_cpu_on_fpn_like_boxes(pooled, count, deterministic):
+    """float64 CUDA against the float64 CPU kernels on what Detectron2 pools: many channels (in groups, the last one
+    partial), every window size of the kernels, few boxes (a box's coordinate gradient split over blocks) and many
+    (several chunks per tile in the feature gradient), a dense and an expanded (stride 0) output gradient."""
+    features = make_features((2, 20, 37, 53), seed=62)
+    rois = fpn_like_rois(count, 2, 37, 53, 0.25, seed=63)
+    fn = lambda f, r: prroi_pool2d(f, r, pooled[0], pooled[1], 0.25, aligned=True)
+    grad_out = make_features((count, 20) + pooled, seed=64)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        cuda = _forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
+        cuda_sum = _sum_backward(fn, features.cuda(), rois.cuda())
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    cpu = _forward_backward(fn, features, rois, grad_out)
+    cpu_sum = _sum_backward(fn, features, rois)
+    for a, b in zip(cuda + cuda_sum, cpu + cpu_sum):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
+    assert cpu[0].abs().sum() > 0 and cpu[2][:, 1:].abs().sum() > 0  # the boxes pool real data
+
+
+def _sum_backward(module, features, rois):
+    """Gradients of out.sum(): autograd passes an expanded (stride 0) output gradient."""
+    features = features.detach().requires_grad_(True)
+    rois = rois.detach().requires_grad_(True)
+    module(features, rois).sum().backward()
+    return features.grad, rois.grad
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, torch.float16, torch.bfloat16])
+def test_cuda_low_precision_on_fpn_like_boxes(dtype):
+    """float32 / float16 / bfloat16 CUDA against float64 of the same rounded inputs, on every window size."""
+    features = make_features((2, 20, 37, 53), seed=65).to(dtype)
+    rois = fpn_like_rois(300, 2, 37, 53, 0.25, seed=66).to(dtype)
+    grad_out = make_features((300, 20, 7, 7), seed=67).to(dtype)
+    fn = lambda f, r: prroi_pool2d(f, r, 7, 7, 0.25, aligned=True)
+    got = _forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
+    want = _forward_backward(fn, features.double(), rois.double(), grad_out.double())
+    # forward and feature gradient are smooth in the inputs; the coordinate gradient jumps where a bin edge crosses
+    # an integer (a kink of the interpolated map), and rounded edges cross them differently, so it is compared in
+    # norm rather than element by element.
+    # float32 loses ~eps * |coordinate| / bin size on the bin edges: up to ~4e-5 of the largest value here.
+    rel = {F32: 2e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    for a, b in zip(got[:2], want[:2]):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.cpu().double(), b, rtol=rel, atol=rel * b.abs().max().item())
+    gr, want_gr = got[2].cpu().double(), want[2]
+    assert torch.linalg.norm(gr - want_gr) <= 2 * rel * torch.linalg.norm(want_gr)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_precision_matches_reference(dtype):

@@ -121,7 +121,21 @@ def time_cpu(fn, repeat, warmup=1):
     return statistics.median(times), float("nan")
 
 
-def cuda_rows(args):
+def deterministic(fn):
+    """fn run under torch.use_deterministic_algorithms(True)."""
+
+    def run():
+        torch.use_deterministic_algorithms(True)
+        try:
+            fn()
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+    return run
+
+
+def cuda_rows(args, checks):
+    """Table rows (name, ours, our peak, reference, reference peak); appends (target, value, limit) to checks."""
     rows = []
     for num_rois in args.rois:
         for size in args.sizes:
@@ -136,30 +150,36 @@ def cuda_rows(args):
             ours_fwd, m1 = t(lambda: prroi_forward(feats, rois, size))
             tv_fwd, m2 = t(lambda: roi_align_forward(feats, rois, size))
             rows.append((f"forward, {tag}", ours_fwd, m1, tv_fwd, m2))
+            checks.append((f"forward / roi_align, {tag}", ours_fwd / tv_fwd, 1.0))
             ours_fb, m1 = t(lambda: forward_backward(prroi_forward, feats, rois, size))
             tv_fb, m2 = t(lambda: forward_backward(roi_align_forward, feats, rois, size))
             rows.append((f"forward + feature backward, {tag}", ours_fb, m1, tv_fb, m2))
+            checks.append((f"forward + feature backward / roi_align, {tag}", ours_fb / tv_fb, 1.0))
             coord, m1 = t(lambda: prroi_backward(ones, feats, rois, size, False, True))
             rows.append((f"coordinate backward, {tag}", coord, m1, None, None))
             rows.append((f"  coordinate backward / our forward, {tag}", coord / ours_fwd, None, None, None))
-            torch.use_deterministic_algorithms(True)
-            det, m1 = t(lambda: prroi_backward(ones, feats, rois, size, True, False))
-            torch.use_deterministic_algorithms(False)
-            atomic, m2 = t(lambda: prroi_backward(ones, feats, rois, size, True, False))
-            rows.append((f"feature backward deterministic vs atomics, {tag}", det, m1, atomic, m2))
+            checks.append((f"coordinate backward / our forward, {tag}", coord / ours_fwd, 2.0))
+            for name, features_grad, rois_grad in (("feature", True, False), ("coordinate", False, True)):
+                default, m2 = t(lambda: prroi_backward(ones, feats, rois, size, features_grad, rois_grad))
+                det, m1 = t(deterministic(lambda: prroi_backward(ones, feats, rois, size, features_grad, rois_grad)))
+                rows.append((f"{name} backward deterministic vs default, {tag}", det, m1, default, m2))
+                checks.append((f"{name} backward deterministic / default, {tag}", det / default, 2.0))
             for dtype in (torch.float16, torch.bfloat16):
                 f16 = [f.to(dtype) for f in feats]
                 r16 = [r.to(dtype) for r in rois]
                 half, m1 = t(lambda: prroi_forward(f16, r16, size))
                 rows.append((f"forward {str(dtype)[6:]} / float32, {tag}", half / ours_fwd, m1, None, None))
-    for size in args.sizes:
+                checks.append((f"forward {str(dtype)[6:]} / float32, {tag}", half / ours_fwd, 0.7))
+    for size, limit in zip(args.sizes, (1.5, 3.0) if args.sizes == [7, 14] else [None] * len(args.sizes)):
         feats, rois = make_workload(200, 2, 800, 1216, 256, "cuda", torch.float32, seed=1)
         ms, mem = time_cuda(lambda: refine(feats, rois, size), args.repeat)
         rows.append((f"refine 200 boxes x 5 iterations, {size}x{size}", ms, mem, None, None))
+        if limit is not None:
+            checks.append((f"refine ms, {size}x{size}", ms, limit))
     return rows
 
 
-def cpu_rows(args):
+def cpu_rows(args, checks):
     rows = []
     torch.set_num_threads(args.cpu_threads)
     for size in args.sizes:
@@ -170,10 +190,26 @@ def cpu_rows(args):
         tv, _ = time_cpu(lambda: forward_backward(roi_align_forward, feats, rois, size), args.cpu_repeat)
         tag = f"{args.cpu_rois} RoIs {size}x{size}"
         rows.append((f"CPU forward + feature backward, {tag}", ours, None, tv, None))
+        checks.append((f"CPU forward + feature backward / roi_align, {tag}", ours / tv, 2.0))
         ours, _ = time_cpu(lambda: prroi_forward(feats, rois, size), args.cpu_repeat)
         tv, _ = time_cpu(lambda: roi_align_forward(feats, rois, size), args.cpu_repeat)
         rows.append((f"CPU forward, {tag}", ours, None, tv, None))
     return rows
+
+
+def copy_bandwidth(repeat):
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), the memory ceiling of the card."""
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms, _ = time_cuda(lambda: dst.copy_(src), repeat)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def print_checks(checks):
+    print("\nTargets (value <= limit)")
+    for name, value, limit in checks:
+        verdict = "met" if value <= limit else "NOT MET"
+        print(f"  {verdict:<8} {name:<62} {value:8.3f}  (<= {limit})")
 
 
 def print_table(title, rows):
@@ -194,6 +230,20 @@ def print_table(title, rows):
         )
 
 
+def profile(args):
+    """Per size, for the first --rois: roi_align forward, then our forward, feature backward and coordinate
+    backward, one call per level each (untimed, for a profiler)."""
+    feats, rois = make_workload(args.rois[0], 2, 800, 1216, 256, "cuda", torch.float32)
+    for size in args.sizes:
+        ones = [torch.ones_like(o) for o in prroi_forward(feats, rois, size)]
+        torch.cuda.synchronize()
+        roi_align_forward(feats, rois, size)
+        prroi_forward(feats, rois, size)
+        prroi_backward(ones, feats, rois, size, True, False)
+        prroi_backward(ones, feats, rois, size, False, True)
+        torch.cuda.synchronize()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["all", "cuda", "cpu"], default="all")
@@ -205,22 +255,31 @@ def main():
     parser.add_argument("--cpu-image", type=int, nargs=2, default=[400, 608])
     parser.add_argument("--cpu-channels", type=int, default=64)
     parser.add_argument("--cpu-threads", type=int, default=2)
+    parser.add_argument(
+        "--profile", action="store_true", help="run each CUDA op once per level, untimed (for ncu / nsys)"
+    )
     args = parser.parse_args()
+    if args.profile:
+        profile(args)
+        return
 
     print(f"torch {torch.__version__}, prroi_d2 {prroi_d2.__version__}")
+    checks = []
     if args.device in ("all", "cuda") and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
+        print(f"{name}: device-to-device copy {copy_bandwidth(args.repeat):.0f} GB/s")
         print_table(
             f"CUDA ({name}), float32, ms (median of {args.repeat}); reference = torchvision roi_align "
             "(aligned=True, sampling_ratio=0); ratio = prroi_d2 / reference",
-            cuda_rows(args),
+            cuda_rows(args, checks),
         )
     if args.device in ("all", "cpu"):
         print_table(
             f"CPU ({args.cpu_threads} threads), float32, 2 images {args.cpu_image[0]}x{args.cpu_image[1]}, "
             f"{args.cpu_channels} channels, ms (median of {args.cpu_repeat}); reference = torchvision roi_align",
-            cpu_rows(args),
+            cpu_rows(args, checks),
         )
+    print_checks(checks)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ for what in "$@"; do
           -p no:cacheprovider -k "not compile and not gradcheck" > "$LOG_DIR/sanitizer_$tool.log" 2>&1 || status=1
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$LOG_DIR/sanitizer_$tool.log" | tail -3
       done ;;
+    profile)
+      step "ncu (one call of each kernel per FPN level, 1000 RoIs, 7x7 then 14x14)"
+      ncu --kernel-name regex:"roi_align_forward|forward_kernel|features_backward_kernel|rois_backward_kernel" \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis python3 tools/benchmark_op.py --profile --rois 1000 --sizes 7 14 \
+        > "$LOG_DIR/ncu.log" 2>&1 || status=1
+      grep -E "^  [a-z_:<>, ()0-9A-Za-z]+\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|L1/TEX Hit|L2 Hit" \
+        "$LOG_DIR/ncu.log" | sed -E 's/void prroi_d2::cuda::\(anonymous namespace\)::|void at::native::\(anonymous namespace\)::|void vision::ops::\(anonymous namespace\)::|\(int, const T1 \*.*//' \
+        | cut -c1-110 > "$LOG_DIR/ncu_summary.txt"; cat "$LOG_DIR/ncu_summary.txt" ;;
     bench)
       step "benchmark"
       python3 tools/benchmark_op.py --device cuda 2>&1 | tee "$LOG_DIR/benchmark.log" || status=1 ;;

@@ -90,6 +90,8 @@ void check_backward_args(
                     "shape ", at::IntArrayRef(expected), ", got ", grad_output.sizes());
   TORCH_CHECK_VALUE(grad_output.device() == features.device(), "prroi_pool2d backward: grad_output is on ",
                     grad_output.device(), " but features are on ", features.device());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == features.scalar_type(), "prroi_pool2d backward: grad_output dtype ",
+                   grad_output.scalar_type(), " does not match features dtype ", features.scalar_type());
 }
 
 }  // namespace detail

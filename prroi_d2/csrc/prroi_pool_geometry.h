@@ -87,6 +87,29 @@ PRROI_HD RoiGeometry<T> decode_roi(
   return g;
 }
 
+// One bin of a box: its edges and the pixels with a non-zero weight, rows i0 .. i0 + ni - 1 and columns
+// j0 .. j0 + nj - 1 (clamped to the map; ni or nj <= 0 when the bin lies outside it).
+template <typename T>
+struct BinWindow {
+  T x_lo, x_hi, y_lo, y_hi;
+  int i0, j0, ni, nj;
+};
+
+template <typename T>
+PRROI_HD BinWindow<T> bin_window(const RoiGeometry<T>& g, int ph, int pw, int height, int width) {
+  BinWindow<T> b;
+  b.x_lo = g.x0 + pw * g.bin_w;
+  b.x_hi = g.x0 + (pw + 1) * g.bin_w;
+  b.y_lo = g.y0 + ph * g.bin_h;
+  b.y_hi = g.y0 + (ph + 1) * g.bin_h;
+  int i1, j1;
+  pixel_range(b.x_lo, b.x_hi, width, &b.j0, &j1);
+  pixel_range(b.y_lo, b.y_hi, height, &b.i0, &i1);
+  b.nj = j1 - b.j0 + 1;
+  b.ni = i1 - b.i0 + 1;
+  return b;
+}
+
 // Chain rule from one bin to its box. `s` is the bin integral and `s_*` its derivatives with respect to the bin
 // edges; `go` is dL/d(output of the bin). Adds dL/d(x0, y0, x1, y1) of the box, in map pixels, to `d[0..3]`.
 // out = S / (bin_w * bin_h) with the four edges independent; x_lo = x0 + pw * (x1 - x0) / PW, x_hi likewise.

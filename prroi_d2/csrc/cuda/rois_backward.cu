@@ -1,0 +1,227 @@
+// Gradient of Precise RoI Pooling with respect to the box coordinates, on CUDA.
+//
+// A bin's integral S and its derivatives with respect to the bin's edges are linear in the pixels, so a thread
+// first accumulates G = sum_c dL/dout_c * F_c over its bin's window for its channels (one multiply-add per pixel
+// and channel, as in the forward), then weighs G once with the area and edge weights, and applies the chain rule
+// from the bin to the box. The threads of a box then sum in a fixed order within their block. Each box is cut into
+// `parts` blocks: with one part (large batches, and always under torch.use_deterministic_algorithms) the block
+// writes the box's gradient; with more (small batches, to fill the GPU) the blocks add into a zeroed gradient
+// with atomics. float16/bfloat16 always use one part, so their sums are rounded once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/Atomic.cuh>
+#include <ATen/cuda/CUDAContext.h>
+
+#include "kernel_common.cuh"
+#include "launchers.h"
+
+namespace prroi_d2 {
+namespace cuda {
+namespace {
+
+// Over a thread's channels c: s = sum_c go_c S_c, and x_lo .. y_hi the same sums of dS_c / d(bin edge).
+template <typename acc_t>
+struct EdgeSums {
+  acc_t s = 0, x_lo = 0, x_hi = 0, y_lo = 0, y_hi = 0;
+};
+
+template <int P, typename scalar_t, typename acc_t>
+__device__ __forceinline__ EdgeSums<acc_t> edge_sums_unrolled(
+    const scalar_t* __restrict__ window, int64_t plane_stride, int W, const BinWindow<acc_t>& b, int channels,
+    const scalar_t* __restrict__ go, int64_t go_stride) {
+  acc_t G[P][P];
+#pragma unroll
+  for (int ii = 0; ii < P; ++ii) {
+#pragma unroll
+    for (int jj = 0; jj < P; ++jj) G[ii][jj] = 0;
+  }
+#pragma unroll 2
+  for (int q = 0; q < kChannelsPerThread; ++q) {
+    if (q < channels) {
+      const acc_t gq = static_cast<acc_t>(go[q * go_stride]);
+      const scalar_t* p = window + q * plane_stride;
+#pragma unroll
+      for (int ii = 0; ii < P; ++ii) {
+#pragma unroll
+        for (int jj = 0; jj < P; ++jj) {
+          if (ii < b.ni && jj < b.nj) G[ii][jj] += gq * static_cast<acc_t>(p[int64_t(ii) * W + jj]);
+        }
+      }
+    }
+  }
+  // Weights outside the window multiply zeros of G.
+  acc_t wx[P], hx_lo[P], hx_hi[P];
+#pragma unroll
+  for (int jj = 0; jj < P; ++jj) {
+    wx[jj] = cell_weight(b.x_lo, b.x_hi, b.j0 + jj);
+    hx_lo[jj] = hat(b.x_lo, b.j0 + jj);
+    hx_hi[jj] = hat(b.x_hi, b.j0 + jj);
+  }
+  EdgeSums<acc_t> e;
+#pragma unroll
+  for (int ii = 0; ii < P; ++ii) {
+    acc_t r = 0, r_lo = 0, r_hi = 0;
+#pragma unroll
+    for (int jj = 0; jj < P; ++jj) {
+      r += wx[jj] * G[ii][jj];
+      r_lo += hx_lo[jj] * G[ii][jj];
+      r_hi += hx_hi[jj] * G[ii][jj];
+    }
+    const int i = b.i0 + ii;
+    const acc_t wy = cell_weight(b.y_lo, b.y_hi, i);
+    e.s += wy * r;
+    e.x_lo -= wy * r_lo;
+    e.x_hi += wy * r_hi;
+    e.y_lo -= hat(b.y_lo, i) * r;
+    e.y_hi += hat(b.y_hi, i) * r;
+  }
+  return e;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ EdgeSums<acc_t> edge_sums_looped(
+    const scalar_t* __restrict__ window, int64_t plane_stride, int W, const BinWindow<acc_t>& b, int channels,
+    const scalar_t* __restrict__ go, int64_t go_stride) {
+  EdgeSums<acc_t> e;
+  for (int q = 0; q < channels; ++q) {
+    const acc_t gq = static_cast<acc_t>(go[q * go_stride]);
+    const scalar_t* p = window + q * plane_stride;
+    for (int ii = 0; ii < b.ni; ++ii) {
+      acc_t r = 0, r_lo = 0, r_hi = 0;
+      for (int jj = 0; jj < b.nj; ++jj) {
+        const int j = b.j0 + jj;
+        const acc_t v = gq * static_cast<acc_t>(p[int64_t(ii) * W + jj]);
+        r += cell_weight(b.x_lo, b.x_hi, j) * v;
+        r_lo += hat(b.x_lo, j) * v;
+        r_hi += hat(b.x_hi, j) * v;
+      }
+      const int i = b.i0 + ii;
+      const acc_t wy = cell_weight(b.y_lo, b.y_hi, i);
+      e.s += wy * r;
+      e.x_lo -= wy * r_lo;
+      e.x_hi += wy * r_hi;
+      e.y_lo -= hat(b.y_lo, i) * r;
+      e.y_hi += hat(b.y_hi, i) * r;
+    }
+  }
+  return e;
+}
+
+// Sums d[0..3] over the block in a fixed order (same inputs, same bits); the result is valid in thread 0.
+template <typename acc_t>
+__device__ __forceinline__ void block_sum4(acc_t (&d)[4], acc_t (&partial)[4][kThreads / 32]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    for (int o = 16; o > 0; o /= 2) d[t] += __shfl_down_sync(0xffffffffu, d[t], o);
+  }
+  __syncthreads();  // the previous box's partial sums have been read
+  if (lane == 0) {
+#pragma unroll
+    for (int t = 0; t < 4; ++t) partial[t][warp] = d[t];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      acc_t total = 0;
+      for (int w = 0; w < kThreads / 32; ++w) total += partial[t][w];
+      d[t] = total;
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) rois_backward_kernel(
+    const scalar_t* __restrict__ grad, GradStrides gs, const scalar_t* __restrict__ features,
+    const scalar_t* __restrict__ rois, int64_t K, int C, int H, int W, int N, int ph_n, int pw_n,
+    at::opmath_type<scalar_t> scale, bool aligned, int parts, scalar_t* __restrict__ grad_rois) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t partial[4][kThreads / 32];
+  const int bins = ph_n * pw_n;
+  const int items = channel_groups(C) * bins;  // (channel group, bin) pairs of a box
+  const int per_part = (items + parts - 1) / parts;
+  const int64_t plane_stride = int64_t(H) * W;
+  for (int64_t task = blockIdx.x; task < K * parts; task += gridDim.x) {
+    const int64_t k = task / parts;
+    const int part = task % parts;
+    const RoiGeometry<acc_t> g = load_roi<acc_t>(rois, k, scale, aligned, ph_n, pw_n, N);
+    if (!g.valid || !(g.area > acc_t(0))) {  // the same for the whole block
+      if (part == 0 && threadIdx.x < 5) {
+        grad_rois[k * 5 + threadIdx.x] =
+            static_cast<scalar_t>(threadIdx.x == 0 || g.valid ? acc_t(0) : quiet_nan<acc_t>());
+      }
+      continue;
+    }
+    acc_t d[4] = {0, 0, 0, 0};  // x0, y0, x1, y1
+    const int end = min(items, (part + 1) * per_part);
+    for (int item = part * per_part + threadIdx.x; item < end; item += kThreads) {
+      const int bin = item % bins;
+      const int c0 = (item / bins) * kChannelsPerThread;
+      const int channels = min(kChannelsPerThread, C - c0);
+      const int ph = bin / pw_n, pw = bin % pw_n;
+      const BinWindow<acc_t> b = bin_window(g, ph, pw, H, W);
+      if (b.ni <= 0 || b.nj <= 0) continue;  // outside the map: the bin and its derivatives are zero
+      const scalar_t* window = features + (int64_t(g.batch) * C + c0) * plane_stride + int64_t(b.i0) * W + b.j0;
+      const scalar_t* go = grad + k * gs.k + c0 * gs.c + ph * gs.h + pw * gs.w;
+      EdgeSums<acc_t> e;
+      const bool done = with_unrolled_window(b.ni, b.nj, [&](auto p) {
+        e = edge_sums_unrolled<decltype(p)::value>(window, plane_stride, W, b, channels, go, gs.c);
+      });
+      if (!done) e = edge_sums_looped(window, plane_stride, W, b, channels, go, gs.c);
+      add_box_gradient(g, ph, pw, ph_n, pw_n, acc_t(1), e.s, e.x_lo, e.x_hi, e.y_lo, e.y_hi, d);
+    }
+    block_sum4(d, partial);
+    if (threadIdx.x == 0) {
+      if (parts == 1) {
+        grad_rois[k * 5] = scalar_t(0);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) grad_rois[k * 5 + 1 + t] = static_cast<scalar_t>(d[t] * scale);
+      } else {
+#pragma unroll
+        for (int t = 0; t < 4; ++t) gpuAtomicAdd(grad_rois + k * 5 + 1 + t, static_cast<scalar_t>(d[t] * scale));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void launch_rois_backward(
+    const at::Tensor& grad_output, const at::Tensor& features, const at::Tensor& rois, double spatial_scale,
+    bool aligned, bool deterministic, at::Tensor& grad_rois) {
+  const int64_t K = rois.size(0);
+  const int N = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const int ph_n = grad_output.size(2), pw_n = grad_output.size(3);
+  if (K == 0) return;
+  if (C == 0) {
+    grad_rois.zero_();
+    return;
+  }
+  const int64_t items = channel_groups(C) * int64_t(ph_n) * pw_n;
+  TORCH_CHECK_VALUE(items <= std::numeric_limits<int32_t>::max(), "prroi_pool2d: channels x pooled_height x "
+                    "pooled_width is too large for the CUDA coordinate gradient, got ", grad_output.sizes());
+  const bool atomics = !deterministic && (features.scalar_type() == at::kFloat ||
+                                          features.scalar_type() == at::kDouble);
+  int64_t parts = 1;
+  if (atomics) {
+    // Enough blocks to fill the GPU, at most one (channel group, bin) pair per thread.
+    const int64_t resident = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 2048 / kThreads;
+    parts = std::min((resident + K - 1) / K, (items + kThreads - 1) / kThreads);
+    parts = std::max<int64_t>(parts, 1);
+  }
+  if (parts > 1) grad_rois.zero_();
+  const GradStrides gs{grad_output.stride(0), grad_output.stride(1), grad_output.stride(2), grad_output.stride(3)};
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "prroi_pool2d_rois_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    rois_backward_kernel<scalar_t><<<grid_blocks(K * parts), kThreads, 0, stream>>>(
+        grad_output.const_data_ptr<scalar_t>(), gs, features.const_data_ptr<scalar_t>(),
+        rois.const_data_ptr<scalar_t>(), K, C, H, W, N, ph_n, pw_n, acc_t(spatial_scale), aligned, int(parts),
+        grad_rois.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda
+}  // namespace prroi_d2
