@@ -7,12 +7,21 @@ importing ``prroi_d2`` also registers the ``PrRoIPool`` and ``PrRoIPoolV2`` pool
 
 import importlib.util
 
-from prroi_d2.functional import boxes_to_rois, prroi_pool, prroi_pool2d
+from prroi_d2.functional import assign_fpn_levels, boxes_to_rois, prroi_pool, prroi_pool2d, prroi_pool_levels
 from prroi_d2.modules import PrRoIPool, PrRoIPool2D
 
 __version__ = "0.1.0"
 
-__all__ = ["PrRoIPool", "PrRoIPool2D", "boxes_to_rois", "prroi_pool", "prroi_pool2d", "__version__"]
+__all__ = [
+    "PrRoIPool",
+    "PrRoIPool2D",
+    "assign_fpn_levels",
+    "boxes_to_rois",
+    "prroi_pool",
+    "prroi_pool2d",
+    "prroi_pool_levels",
+    "__version__",
+]
 
 if importlib.util.find_spec("detectron2") is not None:
     from prroi_d2.modeling import poolers as _poolers  # noqa: F401  (registers the pooler types)

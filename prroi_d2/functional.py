@@ -17,7 +17,8 @@ Defined results for bad boxes:
     need a host synchronisation); on the CPU it raises a ``ValueError``.
 """
 
-from typing import List, Tuple, Union
+import math
+from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from prroi_d2 import _extension
 
 _extension.load()
 
-__all__ = ["prroi_pool2d", "prroi_pool", "boxes_to_rois"]
+__all__ = ["prroi_pool2d", "prroi_pool", "prroi_pool_levels", "assign_fpn_levels", "boxes_to_rois"]
 
 
 def boxes_to_rois(boxes: Union[Tensor, List[Tensor]]) -> Tensor:
@@ -89,6 +90,68 @@ def prroi_pool(
     """
     pooled_height, pooled_width = output_size_pair(output_size)
     return prroi_pool2d(features, rois, pooled_height, pooled_width, spatial_scale, aligned)
+
+
+def prroi_pool_levels(
+    features: List[Tensor],
+    rois: Union[Tensor, List[Tensor]],
+    levels: Tensor,
+    output_size: Union[int, Tuple[int, int], List[int]],
+    spatial_scales: Sequence[float],
+    aligned: bool = False,
+) -> Tensor:
+    """Precise RoI Pooling over a feature pyramid in one call: box ``k`` is pooled from ``features[levels[k]]``
+    with ``spatial_scales[levels[k]]``, as :func:`prroi_pool` would pool it on that level alone.
+
+    One launch for all levels and no host synchronisation, where pooling level by level takes a launch, a gather and
+    a scatter per level: the form for loops that pool the same boxes many times (IoU-Net's box refinement).
+
+    Args:
+        features: 1 to 8 maps (N, C, H_l, W_l) of one dtype and device (same N and C).
+        rois: (K, 5) or a list of per-image (Ki, 4) boxes, as for :func:`prroi_pool2d`.
+        levels: (K,) int64 index into ``features`` of each box (e.g. from :func:`assign_fpn_levels`).
+        output_size: int or (height, width).
+        spatial_scales: one factor per map, from input coordinates to its pixels.
+        aligned: shift scaled boxes by -0.5 pixel (Detectron2 ``ROIAlignV2`` geometry).
+
+    Returns:
+        (K, C, height, width). A level outside ``[0, len(features))`` raises ``ValueError`` on the CPU and pools to NaN
+        on CUDA (like a bad batch index).
+    """
+    pooled_height, pooled_width = output_size_pair(output_size)
+    return torch.ops.prroi_d2.prroi_pool2d_levels(
+        list(features), boxes_to_rois(rois), levels, pooled_height, pooled_width, list(spatial_scales), aligned
+    )
+
+
+def assign_fpn_levels(
+    rois: Tensor, spatial_scales: Sequence[float], canonical_box_size: float = 224.0, canonical_level: int = 4
+) -> Tensor:
+    """(K,) int64 index into ``spatial_scales`` of the pyramid level each roi is pooled from, by the rule of the FPN
+    paper that Detectron2's ``ROIPooler`` uses: ``floor(canonical_level + log2(sqrt(area) / canonical_box_size))``,
+    clamped to the pyramid (level ``l`` has scale ``2 ** -l``).
+
+    rois: (K, 5) rows ``(batch_index, x0, y0, x1, y1)`` or (K, 4) boxes, in input coordinates. Boxes of zero or
+    negative area go to the finest level, boxes with a non-finite coordinate to the finest level too (they pool to
+    NaN there).
+    """
+    levels = [-math.log2(s) for s in spatial_scales]
+    if not levels or any(abs(lv - round(lv)) > 1e-6 for lv in levels):
+        raise ValueError("spatial_scales must be powers of 1/2, one per level, got {}".format(list(spatial_scales)))
+    min_level, max_level = round(levels[0]), round(levels[-1])
+    if max_level - min_level + 1 != len(levels):
+        raise ValueError(
+            "spatial_scales must be consecutive levels, finest first (1/4, 1/8, ...), got {}".format(
+                list(spatial_scales)
+            )
+        )
+    if rois.dim() != 2 or rois.size(1) not in (4, 5):
+        raise ValueError("rois must be (K, 5) or (K, 4), got shape {}".format(tuple(rois.shape)))
+    boxes = rois[:, -4:]
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
+    level = torch.floor(canonical_level + torch.log2(area.sqrt() / canonical_box_size + 1e-8))
+    level = torch.nan_to_num(level, nan=float(min_level)).clamp(min_level, max_level)
+    return level.to(torch.int64) - min_level
 
 
 def output_size_pair(output_size: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:

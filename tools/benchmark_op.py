@@ -4,7 +4,8 @@
 Workload: 2 images 800x1216, 256 channels, FPN levels P2-P5 (strides 4-32); boxes of log-uniform size 16-700 px and
 aspect 0.5-2, assigned to levels as Detectron2's ``assign_boxes_to_levels`` does (canonical 224 px at P4); one op
 call per level, as ``ROIPooler`` makes. "refine" is IoU-Net's loop: 200 boxes x 5 iterations of forward +
-coordinate-only backward. CUDA times use CUDA events after warm-up (median of --repeat); CPU times use a wall clock
+coordinate-only backward, all levels in one ``prroi_pool_levels`` call (and, for comparison, one call per level).
+CUDA times use CUDA events after warm-up (median of --repeat); CPU times use a wall clock
 on a scaled-down workload (--cpu-* options).
 
     python tools/benchmark_op.py                 # CUDA if available, and CPU
@@ -19,9 +20,11 @@ import time
 import torch
 from torchvision.ops import roi_align
 
-import prroi_d2  # noqa: F401  (registers torch.ops.prroi_d2)
+import prroi_d2
+from prroi_d2 import assign_fpn_levels, prroi_pool_levels
 
 STRIDES = (4, 8, 16, 32)
+SCALES = [1.0 / s for s in STRIDES]
 
 
 def make_boxes(num, image_h, image_w, gen, device, dtype):
@@ -37,14 +40,18 @@ def make_boxes(num, image_h, image_w, gen, device, dtype):
     return boxes.to(device=device, dtype=dtype)
 
 
-def level_rois(boxes_per_image, num_levels=4):
-    """Per FPN level: (K_l, 5) rois, with Detectron2's level rule (floor(4 + log2(sqrt(area) / 224)))."""
+def all_rois(boxes_per_image):
+    """(K, 5) rois of the per-image (Ki, 4) boxes, and their (K,) FPN level indices (Detectron2's rule)."""
     rois = torch.cat(
         [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes_per_image)], dim=0
     )
-    area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
-    level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-8)).clamp(2, 2 + num_levels - 1).long() - 2
-    return [rois[level == i].contiguous() for i in range(num_levels)]
+    return rois, assign_fpn_levels(rois, SCALES)
+
+
+def level_rois(boxes_per_image):
+    """Per FPN level: (K_l, 5) rois, as ``ROIPooler`` splits them."""
+    rois, levels = all_rois(boxes_per_image)
+    return [rois[levels == i].contiguous() for i in range(len(STRIDES))]
 
 
 def make_workload(num_rois, images, image_h, image_w, channels, device, dtype, seed=0):
@@ -80,8 +87,20 @@ def forward_backward(pool, features, rois, size):
     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
 
-def refine(features, rois, size, iterations=5):
-    """IoU-Net refinement's loop: forward, then the coordinate gradient only, then a step."""
+def refine(features, rois, levels, size, iterations=5):
+    """IoU-Net refinement's loop: forward, then the coordinate gradient only, then a step. All levels are pooled in
+    one call; each box keeps the level of its starting position."""
+    boxes = rois
+    for _ in range(iterations):
+        boxes = boxes.detach().requires_grad_()
+        out = prroi_pool_levels(features, boxes, levels, size, SCALES, aligned=True)
+        (grad,) = torch.autograd.grad(out.sum(), boxes)
+        boxes = boxes + 1e-3 * grad
+    return boxes
+
+
+def refine_per_level(features, rois, size, iterations=5):
+    """The same loop with one op call per level (as ``ROIPooler`` pools), for comparison."""
     boxes = [r.clone() for r in rois]
     for _ in range(iterations):
         boxes = [b.detach().requires_grad_() for b in boxes]
@@ -172,8 +191,11 @@ def cuda_rows(args, checks):
                 checks.append((f"forward {str(dtype)[6:]} / float32, {tag}", half / ours_fwd, 0.7))
     for size, limit in zip(args.sizes, (1.5, 3.0) if args.sizes == [7, 14] else [None] * len(args.sizes)):
         feats, rois = make_workload(200, 2, 800, 1216, 256, "cuda", torch.float32, seed=1)
-        ms, mem = time_cuda(lambda: refine(feats, rois, size), args.repeat)
+        every, levels = torch.cat(rois), torch.cat([torch.full((len(r),), i) for i, r in enumerate(rois)]).cuda()
+        ms, mem = time_cuda(lambda: refine(feats, every, levels, size), args.repeat)
         rows.append((f"refine 200 boxes x 5 iterations, {size}x{size}", ms, mem, None, None))
+        per_level, mem = time_cuda(lambda: refine_per_level(feats, rois, size), args.repeat)
+        rows.append((f"  the same, one op call per level, {size}x{size}", per_level, mem, None, None))
         if limit is not None:
             checks.append((f"refine ms, {size}x{size}", ms, limit))
     return rows

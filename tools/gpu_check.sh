@@ -37,7 +37,8 @@ for what in "$@"; do
     sanitize)
       for tool in memcheck racecheck; do
         step "compute-sanitizer --tool $tool"
-        compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest tests/test_prroi_pool.py -m cuda -q \
+        compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest tests/test_prroi_pool.py \
+          tests/test_prroi_pool_levels.py -m cuda -q \
           -p no:cacheprovider -k "not compile and not gradcheck" > "$LOG_DIR/sanitizer_$tool.log" 2>&1 || status=1
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$LOG_DIR/sanitizer_$tool.log" | tail -3
       done ;;

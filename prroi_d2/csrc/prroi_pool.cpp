@@ -50,6 +50,38 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool2d_backward(
       rois_requires_grad);
 }
 
+at::Tensor prroi_pool2d_levels(
+    at::TensorList features,
+    const at::Tensor& rois,
+    const at::Tensor& levels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::ArrayRef<double> spatial_scales,
+    bool aligned) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("prroi_d2::prroi_pool2d_levels", "")
+                       .typed<decltype(prroi_pool2d_levels)>();
+  return op.call(features, rois, levels, pooled_height, pooled_width, spatial_scales, aligned);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> prroi_pool2d_levels_backward(
+    const at::Tensor& grad_output,
+    at::TensorList features,
+    const at::Tensor& rois,
+    const at::Tensor& levels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::ArrayRef<double> spatial_scales,
+    bool aligned,
+    bool features_requires_grad,
+    bool rois_requires_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("prroi_d2::_prroi_pool2d_levels_backward", "")
+                       .typed<decltype(prroi_pool2d_levels_backward)>();
+  return op.call(grad_output, features, rois, levels, pooled_height, pooled_width, spatial_scales, aligned,
+                 features_requires_grad, rois_requires_grad);
+}
+
 namespace detail {
 
 void check_forward_args(
@@ -94,6 +126,54 @@ void check_backward_args(
                    grad_output.scalar_type(), " does not match features dtype ", features.scalar_type());
 }
 
+void check_levels_args(
+    at::TensorList features,
+    const at::Tensor& rois,
+    const at::Tensor& levels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::ArrayRef<double> spatial_scales) {
+  TORCH_CHECK_VALUE(!features.empty() && features.size() <= kMaxLevels, "prroi_pool2d_levels: features must be a "
+                    "list of 1 to ", kMaxLevels, " maps (N, C, H_l, W_l), got ", features.size());
+  TORCH_CHECK_VALUE(spatial_scales.size() == features.size(), "prroi_pool2d_levels: spatial_scales must have one "
+                    "entry per feature map (", features.size(), "), got ", spatial_scales.size());
+  for (size_t l = 0; l < features.size(); ++l) {
+    TORCH_CHECK_VALUE(features[l].dim() == 4, "prroi_pool2d_levels: features[", l, "] must be 4-D (N, C, H, W), "
+                      "got shape ", features[l].sizes());
+    TORCH_CHECK_VALUE(std::isfinite(spatial_scales[l]) && spatial_scales[l] > 0, "prroi_pool2d_levels: "
+                      "spatial_scales[", l, "] must be finite and > 0, got ", spatial_scales[l]);
+    if (l > 0) {
+      TORCH_CHECK_VALUE(features[l].size(0) == features[0].size(0) && features[l].size(1) == features[0].size(1),
+                        "prroi_pool2d_levels: features[", l, "] of shape ", features[l].sizes(), " differs from "
+                        "features[0] of shape ", features[0].sizes(), " in batch size or channels");
+      TORCH_CHECK_TYPE(features[l].scalar_type() == features[0].scalar_type(), "prroi_pool2d_levels: features[",
+                       l, "] dtype ", features[l].scalar_type(), " differs from features[0] dtype ",
+                       features[0].scalar_type());
+      TORCH_CHECK_VALUE(features[l].device() == features[0].device(), "prroi_pool2d_levels: features[", l,
+                        "] is on ", features[l].device(), " but features[0] is on ", features[0].device());
+    }
+    check_forward_args(features[l], rois, pooled_height, pooled_width, spatial_scales[l]);
+  }
+  TORCH_CHECK_VALUE(levels.dim() == 1 && levels.size(0) == rois.size(0), "prroi_pool2d_levels: levels must be a "
+                    "(K,) tensor, one level index per roi (K = ", rois.size(0), "), got shape ", levels.sizes());
+  TORCH_CHECK_TYPE(levels.scalar_type() == at::kLong, "prroi_pool2d_levels: levels must be int64, got ",
+                   levels.scalar_type());
+  TORCH_CHECK_VALUE(levels.device() == rois.device(), "prroi_pool2d_levels: levels are on ", levels.device(),
+                    " but rois are on ", rois.device());
+}
+
+void check_levels_backward_args(
+    const at::Tensor& grad_output,
+    at::TensorList features,
+    const at::Tensor& rois,
+    const at::Tensor& levels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::ArrayRef<double> spatial_scales) {
+  check_levels_args(features, rois, levels, pooled_height, pooled_width, spatial_scales);
+  check_backward_args(grad_output, features[0], rois, pooled_height, pooled_width, spatial_scales[0]);
+}
+
 }  // namespace detail
 
 namespace {
@@ -116,6 +196,13 @@ TORCH_LIBRARY(prroi_d2, m) {
       "_prroi_pool2d_backward(Tensor grad_output, Tensor features, Tensor rois, int pooled_height, "
       "int pooled_width, float spatial_scale, bool aligned, bool features_requires_grad, bool rois_requires_grad)"
       " -> (Tensor, Tensor)");
+  m.def(
+      "prroi_pool2d_levels(Tensor[] features, Tensor rois, Tensor levels, int pooled_height, int pooled_width, "
+      "float[] spatial_scales, bool aligned) -> Tensor");
+  m.def(
+      "_prroi_pool2d_levels_backward(Tensor grad_output, Tensor[] features, Tensor rois, Tensor levels, "
+      "int pooled_height, int pooled_width, float[] spatial_scales, bool aligned, bool features_requires_grad, "
+      "bool rois_requires_grad) -> (Tensor[], Tensor)");
   m.def("_cuda_version() -> int", &cuda_version);
 }
 

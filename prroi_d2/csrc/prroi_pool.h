@@ -4,8 +4,12 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 namespace prroi_d2 {
+
+// Most pyramid levels prroi_pool2d_levels takes in one call.
+constexpr int kMaxLevels = 8;
 
 // features (N, C, H, W), rois (K, 5) -> (K, C, pooled_height, pooled_width)
 at::Tensor prroi_pool2d(
@@ -29,6 +33,29 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool2d_backward(
     bool features_requires_grad,
     bool rois_requires_grad);
 
+// Multi-level form: box k is pooled from features[levels[k]] with spatial_scales[levels[k]] (one call for all the
+// levels of a feature pyramid). features: 1 to kMaxLevels maps (N, C, H_l, W_l); levels (K,) int64.
+at::Tensor prroi_pool2d_levels(
+    at::TensorList features,
+    const at::Tensor& rois,
+    const at::Tensor& levels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::ArrayRef<double> spatial_scales,
+    bool aligned);
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> prroi_pool2d_levels_backward(
+    const at::Tensor& grad_output,
+    at::TensorList features,
+    const at::Tensor& rois,
+    const at::Tensor& levels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::ArrayRef<double> spatial_scales,
+    bool aligned,
+    bool features_requires_grad,
+    bool rois_requires_grad);
+
 namespace detail {
 
 // Throws ValueError/TypeError naming the argument for anything the kernels cannot take.
@@ -46,6 +73,23 @@ void check_backward_args(
     int64_t pooled_height,
     int64_t pooled_width,
     double spatial_scale);
+
+void check_levels_args(
+    at::TensorList features,
+    const at::Tensor& rois,
+    const at::Tensor& levels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::ArrayRef<double> spatial_scales);
+
+void check_levels_backward_args(
+    const at::Tensor& grad_output,
+    at::TensorList features,
+    const at::Tensor& rois,
+    const at::Tensor& levels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::ArrayRef<double> spatial_scales);
 
 }  // namespace detail
 }  // namespace prroi_d2

@@ -40,11 +40,12 @@ struct KeptBoxes {
   int64_t k[kTileThreads];
 };
 
+// The gradient of one level's map: boxes on other levels (levels[k] != level) are skipped.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTileThreads) features_backward_kernel(
-    const scalar_t* __restrict__ grad, GradStrides gs, const scalar_t* __restrict__ rois, int64_t K, int C, int H,
-    int W, int N, int ph_n, int pw_n, at::opmath_type<scalar_t> scale, bool aligned,
-    scalar_t* __restrict__ grad_features) {
+    const scalar_t* __restrict__ grad, GradStrides gs, const scalar_t* __restrict__ rois,
+    const int64_t* __restrict__ levels, int level, int64_t K, int C, int H, int W, int N, int ph_n, int pw_n,
+    at::opmath_type<scalar_t> scale, bool aligned, scalar_t* __restrict__ grad_features) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ KeptBoxes<acc_t> kept;
   __shared__ int warp_counts[kTileThreads / 32];
@@ -66,8 +67,11 @@ __global__ void __launch_bounds__(kTileThreads) features_backward_kernel(
     const int64_t k = chunk + t;
     bool keep = false;
     RoiGeometry<acc_t> g{};
-    if (k < K) {
-      g = load_roi<acc_t>(rois, k, scale, aligned, ph_n, pw_n, N);
+    if (k < K && (levels == nullptr || levels[k] == level)) {
+      acc_t roi[5];
+#pragma unroll
+      for (int q = 0; q < 5; ++q) roi[q] = static_cast<acc_t>(rois[k * 5 + q]);
+      g = decode_roi<acc_t>(roi, scale, aligned, ph_n, pw_n, N);
       if (g.valid && g.batch == n && g.area > acc_t(0)) {
         int j0, j1, i0, i1;
         pixel_range(g.x0, g.x0 + pw_n * g.bin_w, W, &j0, &j1);
@@ -135,29 +139,32 @@ __global__ void __launch_bounds__(kTileThreads) features_backward_kernel(
 }  // namespace
 
 void launch_features_backward(
-    const at::Tensor& grad_output, const at::Tensor& rois, double spatial_scale, bool aligned,
-    at::Tensor& grad_features) {
+    const at::Tensor& grad_output, const at::Tensor& rois, const at::Tensor& levels, at::ArrayRef<double> scales,
+    bool aligned, at::TensorList grad_features) {
   const int64_t K = rois.size(0);
-  const int N = grad_features.size(0), C = grad_features.size(1), H = grad_features.size(2);
-  const int W = grad_features.size(3);
   const int ph_n = grad_output.size(2), pw_n = grad_output.size(3);
-  if (grad_features.numel() == 0) return;
-  const int64_t tiles = int64_t((H + kTile - 1) / kTile) * ((W + kTile - 1) / kTile);
-  const int64_t groups = (C + kGatherChannels - 1) / kGatherChannels;
-  TORCH_CHECK_VALUE(tiles <= std::numeric_limits<int32_t>::max() && N <= 65535 && groups <= 65535,
-                    "prroi_pool2d: features of shape ", grad_features.sizes(), " are too large for the CUDA feature "
-                    "gradient (at most 65535 images and 1048560 channels)");
-  const dim3 grid(tiles, N, groups);
   const GradStrides gs{grad_output.stride(0), grad_output.stride(1), grad_output.stride(2), grad_output.stride(3)};
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad_features.scalar_type(), "prroi_pool2d_features_backward", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        features_backward_kernel<scalar_t><<<grid, kTileThreads, 0, stream>>>(
-            grad_output.const_data_ptr<scalar_t>(), gs, rois.const_data_ptr<scalar_t>(), K, C, H, W, N, ph_n,
-            pw_n, acc_t(spatial_scale), aligned, grad_features.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  for (size_t l = 0; l < grad_features.size(); ++l) {
+    const at::Tensor& out = grad_features[l];
+    if (out.numel() == 0) continue;
+    const int N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
+    const int64_t tiles = int64_t((H + kTile - 1) / kTile) * ((W + kTile - 1) / kTile);
+    const int64_t groups = (C + kGatherChannels - 1) / kGatherChannels;
+    TORCH_CHECK_VALUE(tiles <= std::numeric_limits<int32_t>::max() && N <= 65535 && groups <= 65535,
+                      "prroi_pool2d: features of shape ", out.sizes(), " are too large for the CUDA feature "
+                      "gradient (at most 65535 images and 1048560 channels)");
+    const dim3 grid(tiles, N, groups);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, out.scalar_type(), "prroi_pool2d_features_backward", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          features_backward_kernel<scalar_t><<<grid, kTileThreads, 0, stream>>>(
+              grad_output.const_data_ptr<scalar_t>(), gs, rois.const_data_ptr<scalar_t>(),
+              levels.defined() ? levels.const_data_ptr<int64_t>() : nullptr, static_cast<int>(l), K, C, H, W, N,
+              ph_n, pw_n, acc_t(scales[l]), aligned, out.mutable_data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
 }
 
 }  // namespace cuda

@@ -1,9 +1,10 @@
 // Forward of Precise RoI Pooling on CUDA: float32, float64, float16, bfloat16 (float32 accumulation for the halves).
 //
 // One thread per (box, group of kChannelsPerThread channels, bin); consecutive threads take consecutive bins of the
-// same box and channels, so stores coalesce and neighbouring threads read neighbouring pixels. A thread computes its
-// bin's separable pixel weights once and reuses them for its channels. Windows of up to 6 x 6 pixels (bins up to
-// about 4 pixels wide) are unrolled with the weights in registers; larger ones loop over the pixels.
+// same box and channels, so stores coalesce and neighbouring threads read neighbouring pixels (through L1). A
+// thread computes its bin's separable pixel weights once and reuses them for its channels. Windows of up to 6 x 6
+// pixels (bins up to about 4 pixels wide) are unrolled with the weights in registers; larger ones loop. Boxes of
+// every pyramid level go in one launch (the level table).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -64,14 +65,18 @@ __device__ void pool_looped(
   }
 }
 
-template <typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kThreads) forward_kernel(
-    const scalar_t* __restrict__ features, const scalar_t* __restrict__ rois, index_t total, int C, int H, int W,
-    int N, int ph_n, int pw_n, at::opmath_type<scalar_t> scale, bool aligned, scalar_t* __restrict__ output) {
+// float16/bfloat16 are held to four blocks per multiprocessor (64 registers a thread, as float32 takes by itself):
+// left alone they take ~100 registers and run at half the occupancy.
+template <typename scalar_t>
+constexpr int kForwardMinBlocks = sizeof(scalar_t) == 2 ? 4 : 1;
+
+template <typename scalar_t, typename index_t, bool kLevels>
+__global__ void __launch_bounds__(kThreads, kForwardMinBlocks<scalar_t>) forward_kernel(
+    LevelTable<scalar_t> table, const int64_t* __restrict__ levels, const scalar_t* __restrict__ rois,
+    index_t total, int N, int C, int ph_n, int pw_n, bool aligned, scalar_t* __restrict__ output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int bins = ph_n * pw_n;
   const int groups = channel_groups(C);
-  const int64_t plane_stride = int64_t(H) * W;
   for (index_t idx = blockIdx.x * index_t(blockDim.x) + threadIdx.x; idx < total;
        idx += index_t(blockDim.x) * gridDim.x) {
     const int bin = idx % bins;
@@ -81,18 +86,21 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     const int c0 = group * kChannelsPerThread;
     const int channels = min(kChannelsPerThread, C - c0);
     scalar_t* out = output + (int64_t(k) * C + c0) * bins + bin;
-    const RoiGeometry<acc_t> g = load_roi<acc_t>(rois, k, scale, aligned, ph_n, pw_n, N);
+    const Box<acc_t, scalar_t> box = load_box<kLevels, acc_t>(table, levels, rois, k, aligned, ph_n, pw_n, N, C);
+    const RoiGeometry<acc_t>& g = box.g;
     if (!g.valid || !(g.area > acc_t(0))) {
       const scalar_t v = static_cast<scalar_t>(g.valid ? acc_t(0) : quiet_nan<acc_t>());
       for (int q = 0; q < channels; ++q) out[q * bins] = v;
       continue;
     }
+    const int H = box.height, W = box.width;
     const BinWindow<acc_t> b = bin_window(g, bin / pw_n, bin % pw_n, H, W);
     if (b.ni <= 0 || b.nj <= 0) {  // the bin lies outside the map
       for (int q = 0; q < channels; ++q) out[q * bins] = scalar_t(0);
       continue;
     }
-    const scalar_t* window = features + (int64_t(g.batch) * C + c0) * plane_stride + int64_t(b.i0) * W + b.j0;
+    const int64_t plane_stride = int64_t(H) * W;
+    const scalar_t* window = box.image + c0 * plane_stride + int64_t(b.i0) * W + b.j0;
     const acc_t inv_area = acc_t(1) / g.area;
     const bool done = with_unrolled_window(b.ni, b.nj, [&](auto p) {
       pool_unrolled<decltype(p)::value>(window, plane_stride, W, b, inv_area, channels, out, bins);
@@ -104,20 +112,23 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
 }  // namespace
 
 void launch_forward(
-    const at::Tensor& features, const at::Tensor& rois, double spatial_scale, bool aligned, at::Tensor& output) {
-  const int N = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+    at::TensorList features, const at::Tensor& rois, const at::Tensor& levels, at::ArrayRef<double> scales,
+    bool aligned, at::Tensor& output) {
+  const int N = features[0].size(0), C = features[0].size(1);
   const int ph_n = output.size(2), pw_n = output.size(3);
   const int64_t total = rois.size(0) * channel_groups(C) * int64_t(ph_n) * pw_n;
   if (total == 0) return;
+  const int64_t* level_data = levels.defined() ? levels.const_data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "prroi_pool2d_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "prroi_pool2d_forward_cuda", [&] {
+    const LevelTable<scalar_t> table = make_level_table<scalar_t>(features, scales);
     const int64_t blocks = grid_blocks((total + kThreads - 1) / kThreads);
     auto launch = [&](auto index_zero) {
       using index_t = decltype(index_zero);
-      forward_kernel<scalar_t, index_t><<<blocks, kThreads, 0, stream>>>(
-          features.const_data_ptr<scalar_t>(), rois.const_data_ptr<scalar_t>(), index_t(total), C, H, W, N, ph_n,
-          pw_n, acc_t(spatial_scale), aligned, output.mutable_data_ptr<scalar_t>());
+      auto kernel = level_data != nullptr ? forward_kernel<scalar_t, index_t, true>
+                                          : forward_kernel<scalar_t, index_t, false>;
+      kernel<<<blocks, kThreads, 0, stream>>>(table, level_data, rois.const_data_ptr<scalar_t>(), index_t(total), N,
+                                              C, ph_n, pw_n, aligned, output.mutable_data_ptr<scalar_t>());
     };
     if (total + blocks * kThreads <= std::numeric_limits<int32_t>::max()) {  // the grid-stride index fits too
       launch(int32_t(0));

@@ -1,8 +1,9 @@
-// CUDA entry points of Precise RoI Pooling: argument checks, device guard, allocation, then the kernels of
-// forward.cu, features_backward.cu and rois_backward.cu, on the current stream and without a host synchronisation.
+// CUDA entry points of Precise RoI Pooling (prroi_pool2d and its multi-level form): argument checks, device guard,
+// allocation, then the kernels of forward.cu, features_backward.cu and rois_backward.cu, on the current stream and
+// without a host synchronisation.
 //
-// A box with a non-finite coordinate or a batch index outside [0, N) reads nothing and pools to NaN (checking the
-// batch index on the host would need a synchronisation).
+// A box with a non-finite coordinate, a batch index outside [0, N) or a level outside [0, len(features)) reads
+// nothing and pools to NaN (checking indices on the host would need a synchronisation).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -13,34 +14,79 @@
 namespace prroi_d2 {
 namespace {
 
+std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) out.push_back(t.contiguous());
+  return out;
+}
+
+at::Tensor forward_levels_impl(
+    at::TensorList features, const at::Tensor& rois, const at::Tensor& levels, int64_t pooled_height,
+    int64_t pooled_width, at::ArrayRef<double> spatial_scales, bool aligned) {
+  c10::cuda::CUDAGuard device_guard(features[0].device());
+  at::Tensor output =
+      at::empty({rois.size(0), features[0].size(1), pooled_height, pooled_width}, features[0].options());
+  cuda::launch_forward(contiguous_all(features), rois.contiguous(), levels.defined() ? levels.contiguous() : levels,
+                       spatial_scales, aligned, output);
+  return output;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> backward_levels_impl(
+    const at::Tensor& grad_output, at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
+    at::ArrayRef<double> spatial_scales, bool aligned, bool features_requires_grad, bool rois_requires_grad) {
+  c10::cuda::CUDAGuard device_guard(features[0].device());
+  const at::Tensor r = rois.contiguous();
+  const at::Tensor lv = levels.defined() ? levels.contiguous() : levels;
+  std::vector<at::Tensor> grad_features;
+  for (const at::Tensor& f : features) {
+    grad_features.push_back(features_requires_grad
+                                ? at::empty(f.sizes(), f.options().memory_format(at::MemoryFormat::Contiguous))
+                                : at::empty({0}, f.options()));
+  }
+  at::Tensor grad_rois = at::empty({0}, rois.options());
+  if (features_requires_grad) {
+    cuda::launch_features_backward(grad_output, r, lv, spatial_scales, aligned, grad_features);
+  }
+  if (rois_requires_grad) {
+    grad_rois = at::empty({rois.size(0), 5}, rois.options());
+    cuda::launch_rois_backward(grad_output, contiguous_all(features), r, lv, spatial_scales, aligned,
+                               at::globalContext().deterministicAlgorithms(), grad_rois);
+  }
+  return {grad_features, grad_rois};
+}
+
 at::Tensor forward_cuda(
     const at::Tensor& features, const at::Tensor& rois, int64_t pooled_height, int64_t pooled_width,
     double spatial_scale, bool aligned) {
   detail::check_forward_args(features, rois, pooled_height, pooled_width, spatial_scale);
-  c10::cuda::CUDAGuard device_guard(features.device());
-  at::Tensor output = at::empty({rois.size(0), features.size(1), pooled_height, pooled_width}, features.options());
-  cuda::launch_forward(features.contiguous(), rois.contiguous(), spatial_scale, aligned, output);
-  return output;
+  return forward_levels_impl({features}, rois, at::Tensor(), pooled_height, pooled_width, {spatial_scale}, aligned);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& features, const at::Tensor& rois, int64_t pooled_height,
     int64_t pooled_width, double spatial_scale, bool aligned, bool features_requires_grad, bool rois_requires_grad) {
   detail::check_backward_args(grad_output, features, rois, pooled_height, pooled_width, spatial_scale);
-  c10::cuda::CUDAGuard device_guard(features.device());
-  const at::Tensor r = rois.contiguous();
-  at::Tensor grad_features = at::empty({0}, features.options());
-  at::Tensor grad_rois = at::empty({0}, rois.options());
-  if (features_requires_grad) {
-    grad_features = at::empty(features.sizes(), features.options().memory_format(at::MemoryFormat::Contiguous));
-    cuda::launch_features_backward(grad_output, r, spatial_scale, aligned, grad_features);
-  }
-  if (rois_requires_grad) {
-    grad_rois = at::empty({rois.size(0), 5}, rois.options());
-    cuda::launch_rois_backward(grad_output, features.contiguous(), r, spatial_scale, aligned,
-                               at::globalContext().deterministicAlgorithms(), grad_rois);
-  }
-  return {grad_features, grad_rois};
+  auto grads = backward_levels_impl(grad_output, {features}, rois, at::Tensor(), {spatial_scale}, aligned,
+                                    features_requires_grad, rois_requires_grad);
+  return {std::get<0>(grads)[0], std::get<1>(grads)};
+}
+
+at::Tensor forward_levels_cuda(
+    at::TensorList features, const at::Tensor& rois, const at::Tensor& levels, int64_t pooled_height,
+    int64_t pooled_width, at::ArrayRef<double> spatial_scales, bool aligned) {
+  detail::check_levels_args(features, rois, levels, pooled_height, pooled_width, spatial_scales);
+  return forward_levels_impl(features, rois, levels, pooled_height, pooled_width, spatial_scales, aligned);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> backward_levels_cuda(
+    const at::Tensor& grad_output, at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
+    int64_t pooled_height, int64_t pooled_width, at::ArrayRef<double> spatial_scales, bool aligned,
+    bool features_requires_grad, bool rois_requires_grad) {
+  detail::check_levels_backward_args(grad_output, features, rois, levels, pooled_height, pooled_width,
+                                     spatial_scales);
+  return backward_levels_impl(grad_output, features, rois, levels, spatial_scales, aligned, features_requires_grad,
+                              rois_requires_grad);
 }
 
 }  // namespace
@@ -48,6 +94,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
 TORCH_LIBRARY_IMPL(prroi_d2, CUDA, m) {
   m.impl("prroi_pool2d", &forward_cuda);
   m.impl("_prroi_pool2d_backward", &backward_cuda);
+  m.impl("prroi_pool2d_levels", &forward_levels_cuda);
+  m.impl("_prroi_pool2d_levels_backward", &backward_levels_cuda);
 }
 
 }  // namespace prroi_d2

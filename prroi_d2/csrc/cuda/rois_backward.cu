@@ -1,16 +1,21 @@
 // Gradient of Precise RoI Pooling with respect to the box coordinates, on CUDA.
 //
-// A bin's integral S and its derivatives with respect to the bin's edges are linear in the pixels, so a thread
+// A bin's integral S and its derivatives with respect to the bin's four edges are linear in the pixels, so a thread
 // first accumulates G = sum_c dL/dout_c * F_c over its bin's window for its channels (one multiply-add per pixel
-// and channel, as in the forward), then weighs G once with the area and edge weights, and applies the chain rule
-// from the bin to the box. The threads of a box then sum in a fixed order within their block. Each box is cut into
-// `parts` blocks: with one part (large batches, and always under torch.use_deterministic_algorithms) the block
-// writes the box's gradient; with more (small batches, to fill the GPU) the blocks add into a zeroed gradient
-// with atomics. float16/bfloat16 always use one part, so their sums are rounded once.
+// and channel, as in the forward), then weighs G once with the area and edge weights and applies the chain rule
+// from the bin to the box. The threads of a block sum in a fixed order.
+//
+// A box's (channel group, bin) pairs are cut into `parts` blocks (enough blocks to fill the GPU). By default the
+// blocks add their shares into a zeroed gradient with atomics. Under torch.use_deterministic_algorithms, and for
+// float16/bfloat16 (whose sums should be rounded once), the blocks of a box form a thread-block cluster on Hopper and
+// later: each block sums its share, and the cluster's first block adds the shares in rank order from distributed
+// shared memory and writes the gradient (deterministic, no workspace, no zero fill); older GPUs then use one block
+// per box.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
+#include <cooperative_groups.h>
 
 #include "kernel_common.cuh"
 #include "launchers.h"
@@ -18,6 +23,11 @@
 namespace prroi_d2 {
 namespace cuda {
 namespace {
+
+constexpr int kMaxClusterBlocks = 8;  // the portable thread-block cluster size
+
+// How the blocks of one box combine their sums.
+enum class Combine { kWrite, kAtomicAdd, kCluster };
 
 // Over a thread's channels c: s = sum_c go_c S_c, and x_lo .. y_hi the same sums of dS_c / d(bin edge).
 template <typename acc_t>
@@ -131,38 +141,43 @@ __device__ __forceinline__ void block_sum4(acc_t (&d)[4], acc_t (&partial)[4][kT
   }
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) rois_backward_kernel(
-    const scalar_t* __restrict__ grad, GradStrides gs, const scalar_t* __restrict__ features,
-    const scalar_t* __restrict__ rois, int64_t K, int C, int H, int W, int N, int ph_n, int pw_n,
-    at::opmath_type<scalar_t> scale, bool aligned, int parts, scalar_t* __restrict__ grad_rois) {
+// `parts` blocks per box: block b takes box (task / parts) and part (task % parts) for task = b, b + gridDim.x, ...;
+// gridDim.x is a multiple of parts, so a cluster's blocks always share a box.
+template <typename scalar_t, Combine combine, bool kLevels>
+__global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
+    const scalar_t* __restrict__ grad, GradStrides gs, LevelTable<scalar_t> table, const int64_t* __restrict__ levels,
+    const scalar_t* __restrict__ rois, int64_t K, int N, int C, int ph_n, int pw_n, bool aligned, int parts,
+    scalar_t* __restrict__ grad_rois) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t partial[4][kThreads / 32];
+  __shared__ acc_t block_total[4];  // this block's share, read by the cluster's first block
   const int bins = ph_n * pw_n;
   const int items = channel_groups(C) * bins;  // (channel group, bin) pairs of a box
   const int per_part = (items + parts - 1) / parts;
-  const int64_t plane_stride = int64_t(H) * W;
+  const int t = threadIdx.x;
   for (int64_t task = blockIdx.x; task < K * parts; task += gridDim.x) {
     const int64_t k = task / parts;
-    const int part = task % parts;
-    const RoiGeometry<acc_t> g = load_roi<acc_t>(rois, k, scale, aligned, ph_n, pw_n, N);
-    if (!g.valid || !(g.area > acc_t(0))) {  // the same for the whole block
-      if (part == 0 && threadIdx.x < 5) {
-        grad_rois[k * 5 + threadIdx.x] =
-            static_cast<scalar_t>(threadIdx.x == 0 || g.valid ? acc_t(0) : quiet_nan<acc_t>());
+    const int part = static_cast<int>(task % parts);
+    const Box<acc_t, scalar_t> box = load_box<kLevels, acc_t>(table, levels, rois, k, aligned, ph_n, pw_n, N, C);
+    const RoiGeometry<acc_t>& g = box.g;
+    if (!g.valid || !(g.area > acc_t(0))) {  // the same for every block of the box
+      if (part == 0 && t < 5) {
+        grad_rois[k * 5 + t] = static_cast<scalar_t>(t == 0 || g.valid ? acc_t(0) : quiet_nan<acc_t>());
       }
       continue;
     }
+    const int H = box.height, W = box.width;
+    const int64_t plane_stride = int64_t(H) * W;
     acc_t d[4] = {0, 0, 0, 0};  // x0, y0, x1, y1
     const int end = min(items, (part + 1) * per_part);
-    for (int item = part * per_part + threadIdx.x; item < end; item += kThreads) {
+    for (int item = part * per_part + t; item < end; item += kThreads) {
       const int bin = item % bins;
       const int c0 = (item / bins) * kChannelsPerThread;
       const int channels = min(kChannelsPerThread, C - c0);
       const int ph = bin / pw_n, pw = bin % pw_n;
       const BinWindow<acc_t> b = bin_window(g, ph, pw, H, W);
       if (b.ni <= 0 || b.nj <= 0) continue;  // outside the map: the bin and its derivatives are zero
-      const scalar_t* window = features + (int64_t(g.batch) * C + c0) * plane_stride + int64_t(b.i0) * W + b.j0;
+      const scalar_t* window = box.image + c0 * plane_stride + int64_t(b.i0) * W + b.j0;
       const scalar_t* go = grad + k * gs.k + c0 * gs.c + ph * gs.h + pw * gs.w;
       EdgeSums<acc_t> e;
       const bool done = with_unrolled_window(b.ni, b.nj, [&](auto p) {
@@ -172,14 +187,40 @@ __global__ void __launch_bounds__(kThreads) rois_backward_kernel(
       add_box_gradient(g, ph, pw, ph_n, pw_n, acc_t(1), e.s, e.x_lo, e.x_hi, e.y_lo, e.y_hi, d);
     }
     block_sum4(d, partial);
-    if (threadIdx.x == 0) {
-      if (parts == 1) {
+    if constexpr (combine == Combine::kCluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      namespace cg = cooperative_groups;
+      const cg::cluster_group cluster = cg::this_cluster();
+      if (t == 0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) block_total[q] = d[q];
+      }
+      cluster.sync();
+      if (part == 0 && t == 0) {
+        acc_t total[4] = {0, 0, 0, 0};
+        for (int r = 0; r < parts; ++r) {
+          const acc_t* share = cluster.map_shared_rank(block_total, r);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) total[q] += share[q];
+        }
         grad_rois[k * 5] = scalar_t(0);
 #pragma unroll
-        for (int t = 0; t < 4; ++t) grad_rois[k * 5 + 1 + t] = static_cast<scalar_t>(d[t] * scale);
+        for (int q = 0; q < 4; ++q) grad_rois[k * 5 + 1 + q] = static_cast<scalar_t>(total[q] * box.scale);
+      }
+      cluster.sync();  // the shares have been read before the next box overwrites them
+#else
+      __trap();  // the host launches clusters only on sm_90 and later
+#endif
+    } else if (t == 0) {
+      if constexpr (combine == Combine::kWrite) {
+        grad_rois[k * 5] = scalar_t(0);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) grad_rois[k * 5 + 1 + q] = static_cast<scalar_t>(d[q] * box.scale);
       } else {
 #pragma unroll
-        for (int t = 0; t < 4; ++t) gpuAtomicAdd(grad_rois + k * 5 + 1 + t, static_cast<scalar_t>(d[t] * scale));
+        for (int q = 0; q < 4; ++q) {
+          gpuAtomicAdd(grad_rois + k * 5 + 1 + q, static_cast<scalar_t>(d[q] * box.scale));
+        }
       }
     }
   }
@@ -188,10 +229,10 @@ __global__ void __launch_bounds__(kThreads) rois_backward_kernel(
 }  // namespace
 
 void launch_rois_backward(
-    const at::Tensor& grad_output, const at::Tensor& features, const at::Tensor& rois, double spatial_scale,
-    bool aligned, bool deterministic, at::Tensor& grad_rois) {
+    const at::Tensor& grad_output, at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
+    at::ArrayRef<double> scales, bool aligned, bool deterministic, at::Tensor& grad_rois) {
   const int64_t K = rois.size(0);
-  const int N = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const int N = features[0].size(0), C = features[0].size(1);
   const int ph_n = grad_output.size(2), pw_n = grad_output.size(3);
   if (K == 0) return;
   if (C == 0) {
@@ -201,24 +242,61 @@ void launch_rois_backward(
   const int64_t items = channel_groups(C) * int64_t(ph_n) * pw_n;
   TORCH_CHECK_VALUE(items <= std::numeric_limits<int32_t>::max(), "prroi_pool2d: channels x pooled_height x "
                     "pooled_width is too large for the CUDA coordinate gradient, got ", grad_output.sizes());
-  const bool atomics = !deterministic && (features.scalar_type() == at::kFloat ||
-                                          features.scalar_type() == at::kDouble);
+  // Atomics when allowed (the fastest: a block never waits for another), clusters where determinism is asked for.
+  const bool atomics = !deterministic && (rois.scalar_type() == at::kFloat || rois.scalar_type() == at::kDouble);
+  const bool clusters = !atomics && at::cuda::getCurrentDeviceProperties()->major >= 9;
   int64_t parts = 1;
-  if (atomics) {
+  if (clusters || atomics) {
     // Enough blocks to fill the GPU, at most one (channel group, bin) pair per thread.
-    const int64_t resident = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 2048 / kThreads;
-    parts = std::min((resident + K - 1) / K, (items + kThreads - 1) / kThreads);
-    parts = std::max<int64_t>(parts, 1);
+    parts = std::min((resident_blocks() + K - 1) / K, (items + kThreads - 1) / kThreads);
+    parts = std::max<int64_t>(1, clusters ? std::min<int64_t>(parts, kMaxClusterBlocks) : parts);
   }
-  if (parts > 1) grad_rois.zero_();
+  const Combine combine = parts == 1 ? Combine::kWrite : (clusters ? Combine::kCluster : Combine::kAtomicAdd);
+  if (combine == Combine::kAtomicAdd) grad_rois.zero_();
+  const int64_t blocks = std::max<int64_t>(1, grid_blocks(K * parts) / parts) * parts;  // whole clusters
   const GradStrides gs{grad_output.stride(0), grad_output.stride(1), grad_output.stride(2), grad_output.stride(3)};
+  const int64_t* level_data = levels.defined() ? levels.const_data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "prroi_pool2d_rois_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    rois_backward_kernel<scalar_t><<<grid_blocks(K * parts), kThreads, 0, stream>>>(
-        grad_output.const_data_ptr<scalar_t>(), gs, features.const_data_ptr<scalar_t>(),
-        rois.const_data_ptr<scalar_t>(), K, C, H, W, N, ph_n, pw_n, acc_t(spatial_scale), aligned, int(parts),
-        grad_rois.mutable_data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "prroi_pool2d_rois_backward", [&] {
+    const LevelTable<scalar_t> table = make_level_table<scalar_t>(features, scales);
+    const scalar_t* grad = grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* boxes = rois.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_rois.mutable_data_ptr<scalar_t>();
+    auto launch = [&](auto kernel) {
+      if (combine == Combine::kCluster) {
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3(static_cast<unsigned>(blocks));
+        config.blockDim = dim3(kThreads);
+        config.stream = stream;
+        cudaLaunchAttribute attribute;
+        attribute.id = cudaLaunchAttributeClusterDimension;
+        attribute.val.clusterDim.x = static_cast<unsigned>(parts);
+        attribute.val.clusterDim.y = 1;
+        attribute.val.clusterDim.z = 1;
+        config.attrs = &attribute;
+        config.numAttrs = 1;
+        C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, grad, gs, table, level_data, boxes, K, N, C, ph_n, pw_n,
+                                          aligned, int(parts), out));
+      } else {
+        kernel<<<blocks, kThreads, 0, stream>>>(grad, gs, table, level_data, boxes, K, N, C, ph_n, pw_n, aligned,
+                                                int(parts), out);
+      }
+    };
+    auto with_levels = [&](auto combine_tag) {
+      constexpr Combine kCombine = decltype(combine_tag)::value;
+      if (level_data != nullptr) {
+        launch(rois_backward_kernel<scalar_t, kCombine, true>);
+      } else {
+        launch(rois_backward_kernel<scalar_t, kCombine, false>);
+      }
+    };
+    if (combine == Combine::kCluster) {
+      with_levels(std::integral_constant<Combine, Combine::kCluster>());
+    } else if (combine == Combine::kAtomicAdd) {
+      with_levels(std::integral_constant<Combine, Combine::kAtomicAdd>());
+    } else {
+      with_levels(std::integral_constant<Combine, Combine::kWrite>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
