@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see README, "GPU tests and benchmarks"): set up, build with CUDA, then run the steps
 # named on the command line: tests (pytest -m cuda), sanitize (compute-sanitizer memcheck + racecheck on the CUDA
-# op tests), bench (tools/benchmark_op.py), or a quoted command. Logs go to $OUT (or ./gpu-logs) when set.
+# op tests), bench (tools/benchmark_op.py), profile (ncu summary of every kernel on the benchmark workload), or a
+# quoted command. Logs go to $OUT (or ./gpu-logs) when set. SKIP_DETECTRON2=1 skips installing Detectron2.
 #
 #   bash tools/gpu_check.sh tests sanitize bench
 #
