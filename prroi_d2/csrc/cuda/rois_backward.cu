@@ -33,6 +33,17 @@ enum class Combine { kWrite, kAtomicAdd, kCluster };
 template <typename acc_t>
 struct EdgeSums {
   acc_t s = 0, x_lo = 0, x_hi = 0, y_lo = 0, y_hi = 0;
+
+  // Adds pixel row i of the bin: r, r_lo, r_hi are the row's values weighed by the x area weights and by the
+  // interpolation weights at x_lo and x_hi.
+  __device__ __forceinline__ void add_row(const BinWindow<acc_t>& b, int i, acc_t r, acc_t r_lo, acc_t r_hi) {
+    const acc_t wy = cell_weight(b.y_lo, b.y_hi, i);
+    s += wy * r;
+    x_lo -= wy * r_lo;
+    x_hi += wy * r_hi;
+    y_lo -= hat(b.y_lo, i) * r;
+    y_hi += hat(b.y_hi, i) * r;
+  }
 };
 
 template <int P, typename scalar_t, typename acc_t>
@@ -77,13 +88,7 @@ __device__ __forceinline__ EdgeSums<acc_t> edge_sums_unrolled(
       r_lo += hx_lo[jj] * G[ii][jj];
       r_hi += hx_hi[jj] * G[ii][jj];
     }
-    const int i = b.i0 + ii;
-    const acc_t wy = cell_weight(b.y_lo, b.y_hi, i);
-    e.s += wy * r;
-    e.x_lo -= wy * r_lo;
-    e.x_hi += wy * r_hi;
-    e.y_lo -= hat(b.y_lo, i) * r;
-    e.y_hi += hat(b.y_hi, i) * r;
+    e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
   }
   return e;
 }
@@ -105,13 +110,7 @@ __device__ EdgeSums<acc_t> edge_sums_looped(
         r_lo += hat(b.x_lo, j) * v;
         r_hi += hat(b.x_hi, j) * v;
       }
-      const int i = b.i0 + ii;
-      const acc_t wy = cell_weight(b.y_lo, b.y_hi, i);
-      e.s += wy * r;
-      e.x_lo -= wy * r_lo;
-      e.x_hi += wy * r_hi;
-      e.y_lo -= hat(b.y_lo, i) * r;
-      e.y_hi += hat(b.y_hi, i) * r;
+      e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
     }
   }
   return e;
