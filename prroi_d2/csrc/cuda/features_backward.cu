@@ -68,10 +68,7 @@ __global__ void __launch_bounds__(kTileThreads) features_backward_kernel(
     bool keep = false;
     RoiGeometry<acc_t> g{};
     if (k < K && (levels == nullptr || levels[k] == level)) {
-      acc_t roi[5];
-#pragma unroll
-      for (int q = 0; q < 5; ++q) roi[q] = static_cast<acc_t>(rois[k * 5 + q]);
-      g = decode_roi<acc_t>(roi, scale, aligned, ph_n, pw_n, N);
+      g = load_roi(rois, k, scale, aligned, ph_n, pw_n, N);
       if (g.valid && g.batch == n && g.area > acc_t(0)) {
         int j0, j1, i0, i1;
         pixel_range(g.x0, g.x0 + pw_n * g.bin_w, W, &j0, &j1);

@@ -53,6 +53,16 @@ struct Box {
   acc_t scale;
 };
 
+// Row k of rois (K, 5) decoded for a map of the given scale.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ RoiGeometry<acc_t> load_roi(
+    const scalar_t* __restrict__ rois, int64_t k, acc_t scale, bool aligned, int ph_n, int pw_n, int batch_size) {
+  acc_t roi[5];
+#pragma unroll
+  for (int t = 0; t < 5; ++t) roi[t] = static_cast<acc_t>(rois[k * 5 + t]);
+  return decode_roi<acc_t>(roi, scale, aligned, ph_n, pw_n, batch_size);
+}
+
 // kLevels: whether boxes carry a level index (prroi_pool2d_levels). Without it every box is on the table's only
 // map; with it the level's entries are read with constant indices (a run-time index into the kernel's parameters
 // would cost registers and local memory).
@@ -80,10 +90,7 @@ __device__ __forceinline__ Box<acc_t, scalar_t> load_box(
     }
   }
   box.scale = static_cast<acc_t>(scale);
-  acc_t roi[5];
-#pragma unroll
-  for (int t = 0; t < 5; ++t) roi[t] = static_cast<acc_t>(rois[k * 5 + t]);
-  box.g = decode_roi<acc_t>(roi, box.scale, aligned, ph_n, pw_n, N);
+  box.g = load_roi(rois, k, box.scale, aligned, ph_n, pw_n, N);
   box.g.valid = box.g.valid && level_ok;
   box.image = data + int64_t(box.g.batch) * C * box.height * box.width;
   return box;
