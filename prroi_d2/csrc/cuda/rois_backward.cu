@@ -141,18 +141,18 @@ __device__ __forceinline__ void block_sum4(acc_t (&d)[4], acc_t (&partial)[4][kT
 }
 
 // `parts` blocks per box: block b takes box (task / parts) and part (task % parts) for task = b, b + gridDim.x, ...;
-// gridDim.x is a multiple of parts, so a cluster's blocks always share a box.
+// gridDim.x is a multiple of parts, so a cluster's blocks always share a box. Part p takes the box's items
+// [p * per_part, (p + 1) * per_part).
 template <typename scalar_t, Combine combine, bool kLevels>
 __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
     const scalar_t* __restrict__ grad, GradStrides gs, LevelTable<scalar_t> table, const int64_t* __restrict__ levels,
     const scalar_t* __restrict__ rois, int64_t K, int N, int C, int ph_n, int pw_n, bool aligned, int parts,
-    scalar_t* __restrict__ grad_rois) {
+    int per_part, scalar_t* __restrict__ grad_rois) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t partial[4][kThreads / 32];
   __shared__ acc_t block_total[4];  // this block's share, read by the cluster's first block
   const int bins = ph_n * pw_n;
   const int items = channel_groups(C) * bins;  // (channel group, bin) pairs of a box
-  const int per_part = (items + parts - 1) / parts;
   const int t = threadIdx.x;
   for (int64_t task = blockIdx.x; task < K * parts; task += gridDim.x) {
     const int64_t k = task / parts;
@@ -168,8 +168,9 @@ __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
     const int H = box.height, W = box.width;
     const int64_t plane_stride = int64_t(H) * W;
     acc_t d[4] = {0, 0, 0, 0};  // x0, y0, x1, y1
-    const int end = min(items, (part + 1) * per_part);
-    for (int item = part * per_part + t; item < end; item += kThreads) {
+    const int begin = part * per_part;
+    const int end = begin + min(per_part, items - begin);
+    for (int item = begin + t; item < end; item += kThreads) {
       const int bin = item % bins;
       const int c0 = (item / bins) * kChannelsPerThread;
       const int channels = min(kChannelsPerThread, C - c0);
@@ -244,18 +245,25 @@ void launch_rois_backward(
   // Atomics when allowed (the fastest: a block never waits for another), clusters where determinism is asked for.
   const bool atomics = !deterministic && (rois.scalar_type() == at::kFloat || rois.scalar_type() == at::kDouble);
   const bool clusters = !atomics && at::cuda::getCurrentDeviceProperties()->major >= 9;
-  int64_t parts = 1;
+  // Enough blocks per box to fill the GPU, each taking whole rounds of kThreads items (one per thread) but the
+  // last: a part of one round and a few items would hold its block for a second, almost idle round.
+  int64_t per_part = items;
   if (clusters || atomics) {
-    // Enough blocks to fill the GPU, at most one (channel group, bin) pair per thread.
-    parts = std::min((resident_blocks() + K - 1) / K, (items + kThreads - 1) / kThreads);
-    parts = std::max<int64_t>(1, clusters ? std::min<int64_t>(parts, kMaxClusterBlocks) : parts);
+    const int64_t rounds_needed = (items + kThreads - 1) / kThreads;
+    const int64_t blocks_wanted = (resident_blocks() + K - 1) / K;
+    int64_t rounds = std::max<int64_t>(1, rounds_needed / blocks_wanted);
+    if (clusters) rounds = std::max(rounds, (rounds_needed + kMaxClusterBlocks - 1) / kMaxClusterBlocks);
+    per_part = std::min(items, rounds * kThreads);
   }
+  const int64_t parts = (items + per_part - 1) / per_part;
   const Combine combine = parts == 1 ? Combine::kWrite : (clusters ? Combine::kCluster : Combine::kAtomicAdd);
-  if (combine == Combine::kAtomicAdd) grad_rois.zero_();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (combine == Combine::kAtomicAdd) {  // a memset costs the host less than a fill kernel (refinement loops)
+    C10_CUDA_CHECK(cudaMemsetAsync(grad_rois.mutable_data_ptr(), 0, grad_rois.nbytes(), stream));
+  }
   const int64_t blocks = std::max<int64_t>(1, grid_blocks(K * parts) / parts) * parts;  // whole clusters
   const GradStrides gs{grad_output.stride(0), grad_output.stride(1), grad_output.stride(2), grad_output.stride(3)};
   const int64_t* level_data = levels.defined() ? levels.const_data_ptr<int64_t>() : nullptr;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "prroi_pool2d_rois_backward", [&] {
     const LevelTable<scalar_t> table = make_level_table<scalar_t>(features, scales);
     const scalar_t* grad = grad_output.const_data_ptr<scalar_t>();
@@ -275,10 +283,10 @@ void launch_rois_backward(
         config.attrs = &attribute;
         config.numAttrs = 1;
         C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, grad, gs, table, level_data, boxes, K, N, C, ph_n, pw_n,
-                                          aligned, int(parts), out));
+                                          aligned, int(parts), int(per_part), out));
       } else {
         kernel<<<blocks, kThreads, 0, stream>>>(grad, gs, table, level_data, boxes, K, N, C, ph_n, pw_n, aligned,
-                                                int(parts), out);
+                                                int(parts), int(per_part), out);
       }
     };
     auto with_levels = [&](auto combine_tag) {
