@@ -95,7 +95,7 @@ def refine(features, rois, levels, size, iterations=5):
         boxes = boxes.detach().requires_grad_()
         out = prroi_pool_levels(features, boxes, levels, size, SCALES, aligned=True)
         (grad,) = torch.autograd.grad(out.sum(), boxes)
-        boxes = boxes + 1e-3 * grad
+        boxes = boxes.add(grad, alpha=1e-3)
     return boxes
 
 
@@ -107,7 +107,7 @@ def refine_per_level(features, rois, size, iterations=5):
         outs = prroi_forward(features, boxes, size)
         score = sum(o.sum() for o in outs)
         grads = torch.autograd.grad(score, boxes)
-        boxes = [b + 1e-3 * g for b, g in zip(boxes, grads)]
+        boxes = [b.add(g, alpha=1e-3) for b, g in zip(boxes, grads)]
     return boxes
 
 
