@@ -793,10 +793,12 @@ def _sum_backward(module, features, rois):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [F32, torch.float16, torch.bfloat16])
-def test_cuda_low_precision_on_fpn_like_boxes(dtype):
-    """float32 / float16 / bfloat16 CUDA against float64 of the same rounded inputs, on every window size."""
-    features = make_features((2, 20, 37, 53), seed=65).to(dtype)
-    rois = fpn_like_rois(300, 2, 37, 53, 0.25, seed=66).to(dtype)
+@pytest.mark.parametrize("width", [53, 52])
+def test_cuda_low_precision_on_fpn_like_boxes(dtype, width):
+    """float32 / float16 / bfloat16 CUDA against float64 of the same rounded inputs, on every window size; an even
+    width lets the float16/bfloat16 forward read two pixels per load, an odd one does not."""
+    features = make_features((2, 20, 37, width), seed=65).to(dtype)
+    rois = fpn_like_rois(300, 2, 37, width, 0.25, seed=66).to(dtype)
     grad_out = make_features((300, 20, 7, 7), seed=67).to(dtype)
     fn = lambda f, r: prroi_pool2d(f, r, 7, 7, 0.25, aligned=True)
     got = _forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
@@ -831,6 +833,38 @@ def test_cuda_half_precision_matches_reference(dtype):
     assert gf.dtype == dtype and gr.dtype == dtype
     torch.testing.assert_close(gf.float(), gf32, rtol=2e-2, atol=2e-2 * gf32.abs().max().item())
     torch.testing.assert_close(gr.float(), gr32, rtol=5e-2, atol=5e-2 * gr32.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_pixel_pairs_skip_pixels_outside_the_window(dtype):
+    """float16/bfloat16 maps of even width are read two pixels at a time from an even column: the pixel of a pair
+    outside a bin's window must not count, even when it is infinite."""
+    features = make_features((2, 3, 6, 16), seed=68)
+    # box 0: window columns 3..6 (pairs 2..7: 2 and 7 outside); box 1: columns 4..8 (pairs 4..9: 9 outside)
+    rois = torch.tensor([[0, 3.2, 1.3, 5.5, 3.8], [1, 4.2, 1.3, 7.5, 3.8]], dtype=F64)
+    poisoned = features.clone()
+    poisoned[0, :, :, [2, 7]] = math.inf
+    poisoned[1, :, :, 9] = -math.inf
+    out = prroi_pool2d(poisoned.to(dtype).cuda(), rois.to(dtype).cuda(), 2, 1, 1.0)
+    expected = reference_prroi_pool(features.to(dtype).double(), rois.to(dtype).double(), 2, 1, 1.0, False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_map_at_an_odd_address_matches_an_aligned_copy(dtype):
+    """A float16/bfloat16 map starting 2 bytes past a 4-byte boundary cannot be read in pixel pairs: the op reads it
+    a pixel at a time and gets what it gets from an aligned copy."""
+    storage = make_features((2 * C * H * 16 + 1,), seed=69).to(dtype).cuda()
+    shifted = storage[1:].view(2, C, H, 16)
+    assert shifted.data_ptr() % 4 == 2
+    rois, _ = random_rois(6, width=16, seed=70, dtype=dtype)
+    out = prroi_pool2d(shifted, rois.cuda(), 7, 7, 1.0, True)
+    aligned = prroi_pool2d(shifted.clone(), rois.cuda(), 7, 7, 1.0, True)
+    assert aligned.abs().sum() > 0
+    torch.testing.assert_close(out, aligned, rtol=1e-2, atol=1e-2 * aligned.abs().max().item())
 
 
 @pytest.mark.cuda

@@ -4,10 +4,12 @@
 // same box and channels, so stores coalesce and neighbouring threads read neighbouring pixels (through L1). A
 // thread computes its bin's separable pixel weights once and reuses them for its channels. Windows of up to 6 x 6
 // pixels (bins up to about 4 pixels wide) are unrolled with the weights in registers; larger ones loop. Boxes of
-// every pyramid level go in one launch (the level table).
+// every pyramid level go in one launch (the level table). float16/bfloat16 maps of even width read windows up to 7
+// pixels wide two pixels per load, looping over the window's rows only.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <cuda_fp16.h>
 
 #include "kernel_common.cuh"
 #include "launchers.h"
@@ -47,6 +49,92 @@ __device__ __forceinline__ void pool_unrolled(
   }
 }
 
+// The two pixels of a 32-bit word of a float16/bfloat16 map, the lower address first.
+template <typename scalar_t>
+__device__ __forceinline__ float2 unpack_pair(uint32_t word) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&word));
+  }
+}
+
+// Pools float16/bfloat16 maps of even width at 4-byte aligned addresses, for windows whose rows span kWords
+// 32-bit words of two pixels, starting at the even column j0 - (j0 & 1). Rows are looped (only the window's own
+// rows are read) with the thread's channels unrolled inside, so a row's loads for all channels are in flight
+// together. A word's pixel outside the window is masked to zero before use (not multiplied by a zero weight, so a
+// non-finite neighbour never leaks in); no word reaches past the row, since the width is even.
+template <int kWords, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void pool_pairs(
+    const scalar_t* __restrict__ window, int64_t plane_stride, int W, const BinWindow<acc_t>& b, acc_t inv_area,
+    int channels, scalar_t* __restrict__ out, int out_stride) {
+  const int odd = b.j0 & 1;
+  const uint32_t* rows = reinterpret_cast<const uint32_t*>(window - odd);
+  const int row_words = W / 2;
+  const int64_t plane_words = plane_stride / 2;
+  acc_t wx[2 * kWords];
+#pragma unroll
+  for (int t = 0; t < 2 * kWords; ++t) {
+    const int jj = t - odd;
+    wx[t] = jj >= 0 && jj < b.nj ? cell_weight(b.x_lo, b.x_hi, b.j0 + jj) : acc_t(0);
+  }
+  // Only the first word can start before the window (odd j0) and only the last can end after it.
+  const uint32_t first_mask = odd ? 0xffff0000u : 0xffffffffu;
+  const uint32_t last_mask = (odd + b.nj) % 2 ? 0x0000ffffu : 0xffffffffu;
+  acc_t sum[kChannelsPerThread];
+#pragma unroll
+  for (int q = 0; q < kChannelsPerThread; ++q) sum[q] = 0;
+  // Channels in batches whose loads are all issued before any is used (kBatch x kWords loads in flight).
+  constexpr int kBatch = kWords <= 2 ? kChannelsPerThread : kChannelsPerThread / 2;
+  for (int ii = 0; ii < b.ni; ++ii) {
+    const acc_t wy = cell_weight(b.y_lo, b.y_hi, b.i0 + ii);
+    const uint32_t* row_start = rows + int64_t(ii) * row_words;
+#pragma unroll
+    for (int q0 = 0; q0 < kChannelsPerThread; q0 += kBatch) {
+      uint32_t word[kBatch][kWords];
+#pragma unroll
+      for (int qb = 0; qb < kBatch; ++qb) {
+        // A partial last group re-reads its last channel for the missing ones (never stored).
+        const uint32_t* p = row_start + min(q0 + qb, channels - 1) * plane_words;
+#pragma unroll
+        for (int m = 0; m < kWords; ++m) word[qb][m] = p[m];
+      }
+#pragma unroll
+      for (int qb = 0; qb < kBatch; ++qb) {
+        acc_t row = 0;
+#pragma unroll
+        for (int m = 0; m < kWords; ++m) {
+          uint32_t w = word[qb][m];
+          if (m == 0) w &= first_mask;
+          if (m == kWords - 1) w &= last_mask;
+          const float2 v = unpack_pair<scalar_t>(w);
+          row += wx[2 * m] * v.x + wx[2 * m + 1] * v.y;
+        }
+        sum[q0 + qb] += wy * row;
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < kChannelsPerThread; ++q) {
+    if (q < channels) out[q * out_stride] = static_cast<scalar_t>(sum[q] * inv_area);
+  }
+}
+
+// Calls pool_pairs with kWords = the words a window row spans (1 to 4, up to 7 pixels) and returns true; false
+// for a wider window.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ bool pool_in_pairs(
+    const scalar_t* __restrict__ window, int64_t plane_stride, int W, const BinWindow<acc_t>& b, acc_t inv_area,
+    int channels, scalar_t* __restrict__ out, int out_stride) {
+  switch (((b.j0 & 1) + b.nj + 1) / 2) {
+    case 1: pool_pairs<1>(window, plane_stride, W, b, inv_area, channels, out, out_stride); return true;
+    case 2: pool_pairs<2>(window, plane_stride, W, b, inv_area, channels, out, out_stride); return true;
+    case 3: pool_pairs<3>(window, plane_stride, W, b, inv_area, channels, out, out_stride); return true;
+    case 4: pool_pairs<4>(window, plane_stride, W, b, inv_area, channels, out, out_stride); return true;
+    default: return false;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ void pool_looped(
     const scalar_t* __restrict__ window, int64_t plane_stride, int W, const BinWindow<acc_t>& b, acc_t inv_area,
@@ -70,7 +158,8 @@ __device__ void pool_looped(
 template <typename scalar_t>
 constexpr int kForwardMinBlocks = sizeof(scalar_t) == 2 ? 4 : 1;
 
-template <typename scalar_t, typename index_t, bool kLevels>
+// kPairs: float16/bfloat16 maps, every width even and every base address 4-byte aligned (pool_pairs).
+template <typename scalar_t, typename index_t, bool kLevels, bool kPairs>
 __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<scalar_t>) forward_kernel(
     LevelTable<scalar_t> table, const int64_t* __restrict__ levels, const scalar_t* __restrict__ rois,
     index_t total, int N, int C, int ph_n, int pw_n, bool aligned, scalar_t* __restrict__ output) {
@@ -102,11 +191,25 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<scalar_t>) forward
     const int64_t plane_stride = int64_t(H) * W;
     const scalar_t* window = box.image + c0 * plane_stride + int64_t(b.i0) * W + b.j0;
     const acc_t inv_area = acc_t(1) / g.area;
-    const bool done = with_unrolled_window(b.ni, b.nj, [&](auto p) {
-      pool_unrolled<decltype(p)::value>(window, plane_stride, W, b, inv_area, channels, out, bins);
-    });
+    bool done;
+    if constexpr (kPairs) {
+      done = pool_in_pairs(window, plane_stride, W, b, inv_area, channels, out, bins);
+    } else {
+      done = with_unrolled_window(b.ni, b.nj, [&](auto p) {
+        pool_unrolled<decltype(p)::value>(window, plane_stride, W, b, inv_area, channels, out, bins);
+      });
+    }
     if (!done) pool_looped(window, plane_stride, W, b, inv_area, channels, out, bins);
   }
+}
+
+// Whether every map of the table can be read two pixels per 32-bit word: even widths, 4-byte aligned bases.
+template <typename scalar_t>
+bool reads_pairs(const LevelTable<scalar_t>& table) {
+  for (int l = 0; l < table.count; ++l) {
+    if (table.width[l] % 2 != 0 || reinterpret_cast<uintptr_t>(table.data[l]) % 4 != 0) return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -123,10 +226,17 @@ void launch_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "prroi_pool2d_forward_cuda", [&] {
     const LevelTable<scalar_t> table = make_level_table<scalar_t>(features, scales);
     const int64_t blocks = grid_blocks((total + kThreads - 1) / kThreads);
+    const bool pairs = sizeof(scalar_t) == 2 && reads_pairs(table);
     auto launch = [&](auto index_zero) {
       using index_t = decltype(index_zero);
-      auto kernel = level_data != nullptr ? forward_kernel<scalar_t, index_t, true>
-                                          : forward_kernel<scalar_t, index_t, false>;
+      auto kernel = level_data != nullptr ? forward_kernel<scalar_t, index_t, true, false>
+                                          : forward_kernel<scalar_t, index_t, false, false>;
+      if constexpr (sizeof(scalar_t) == 2) {
+        if (pairs) {
+          kernel = level_data != nullptr ? forward_kernel<scalar_t, index_t, true, true>
+                                         : forward_kernel<scalar_t, index_t, false, true>;
+        }
+      }
       kernel<<<blocks, kThreads, 0, stream>>>(table, level_data, rois.const_data_ptr<scalar_t>(), index_t(total), N,
                                               C, ph_n, pw_n, aligned, output.mutable_data_ptr<scalar_t>());
     };
