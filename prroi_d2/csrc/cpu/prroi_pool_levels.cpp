@@ -19,6 +19,11 @@ void check_level_indices(const at::Tensor& levels, int64_t num_levels) {
   }
 }
 
+// (K_l,) positions of the boxes on level l.
+at::Tensor boxes_on_level(const at::Tensor& levels, size_t l) {
+  return (levels == static_cast<int64_t>(l)).nonzero().select(1, 0);
+}
+
 at::Tensor forward_levels_cpu(
     at::TensorList features, const at::Tensor& rois, const at::Tensor& levels, int64_t pooled_height,
     int64_t pooled_width, at::ArrayRef<double> spatial_scales, bool aligned) {
@@ -27,7 +32,7 @@ at::Tensor forward_levels_cpu(
   at::Tensor output =
       at::empty({rois.size(0), features[0].size(1), pooled_height, pooled_width}, features[0].options());
   for (size_t l = 0; l < features.size(); ++l) {
-    const at::Tensor index = (levels == static_cast<int64_t>(l)).nonzero().select(1, 0);
+    const at::Tensor index = boxes_on_level(levels, l);
     if (index.numel() == 0) continue;
     output.index_copy_(0, index, prroi_pool2d(features[l], rois.index_select(0, index), pooled_height,
                                               pooled_width, spatial_scales[l], aligned));
@@ -46,7 +51,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_levels_cpu(
   at::Tensor grad_rois = rois_requires_grad ? at::zeros({rois.size(0), 5}, rois.options())
                                             : at::empty({0}, rois.options());
   for (size_t l = 0; l < features.size(); ++l) {
-    const at::Tensor index = (levels == static_cast<int64_t>(l)).nonzero().select(1, 0);
+    const at::Tensor index = boxes_on_level(levels, l);
     auto grads = prroi_pool2d_backward(grad_output.index_select(0, index), features[l], rois.index_select(0, index),
                                        pooled_height, pooled_width, spatial_scales[l], aligned,
                                        features_requires_grad, rois_requires_grad);
