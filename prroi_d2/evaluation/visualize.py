@@ -1,0 +1,138 @@
+"""Pictures of IoU-Net's box refinement: ground truth, the box before refinement and after, with predicted IoUs.
+
+Reads the results json of the refined stage written by :class:`prroi_d2.evaluation.IoUNetEvaluator`
+(``coco_instances_results_refined.json``: records with ``bbox``, ``bbox_initial``, ``iou``, ``iou_initial``) and the
+dataset's COCO json and images.
+"""
+
+import json
+import logging
+import os
+from collections import defaultdict
+
+import numpy as np
+
+__all__ = ["draw_refinement_examples", "select_examples"]
+
+logger = logging.getLogger(__name__)
+
+GT_COLOR = "#2ca02c"  # green
+INITIAL_COLOR = "#ff7f0e"  # orange
+REFINED_COLOR = "#1f77b4"  # blue
+
+
+def _load_json(path_or_obj):
+    if isinstance(path_or_obj, (list, dict)):
+        return path_or_obj
+    with open(path_or_obj) as f:
+        return json.load(f)
+
+
+def select_examples(records, num_images=6, score_threshold=0.3, max_dets_per_image=20):
+    """The ``num_images`` images whose best detection scores highest, each with its detections of score >=
+    ``score_threshold`` (at most ``max_dets_per_image``, highest scores first): a list of (image_id, records)."""
+    by_image = defaultdict(list)
+    for r in records:
+        if r.get("score", 0.0) >= score_threshold:
+            by_image[r["image_id"]].append(r)
+    ranked = sorted(by_image.items(), key=lambda kv: max(r["score"] for r in kv[1]), reverse=True)
+    return [
+        (image_id, sorted(dets, key=lambda r: r["score"], reverse=True)[:max_dets_per_image])
+        for image_id, dets in ranked[:num_images]
+    ]
+
+
+def _read_image(path, width, height):
+    from PIL import Image
+
+    if path and os.path.exists(path):
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    logger.warning(f"Image {path} not found; drawing on a blank canvas")
+    return np.full((int(height or 480), int(width or 640), 3), 255, dtype=np.uint8)
+
+
+def _label(record):
+    iou = record.get("iou")
+    final = f"{iou:.2f}" if iou is not None else "?"
+    if "bbox_initial" in record:
+        initial = record.get("iou_initial")
+        return (f"{initial:.2f}" if initial is not None else "?") + "\u2192" + final
+    return final
+
+
+def draw_refinement_examples(
+    results_json, coco_json, image_root, output_dir, num_images=6, score_threshold=0.3, max_dets_per_image=20
+):
+    """Draw, for ``num_images`` images (highest-scoring detections first), the ground truth (green), each detection's
+    box before refinement (orange, dashed) and after (blue), labelled with the predicted IoUs ``before→after``.
+
+    ``results_json``/``coco_json`` are paths (or the loaded list/dict). Writes one PNG per image into ``output_dir``
+    and returns their paths.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    records = _load_json(results_json)
+    dataset = _load_json(coco_json)
+    images = {img["id"]: img for img in dataset.get("images", [])}
+    categories = {c["id"]: c.get("name", str(c["id"])) for c in dataset.get("categories", [])}
+    gt_by_image = defaultdict(list)
+    for ann in dataset.get("annotations", []):
+        gt_by_image[ann["image_id"]].append(ann)
+
+    os.makedirs(output_dir, exist_ok=True)
+    paths = []
+    for rank, (image_id, dets) in enumerate(select_examples(records, num_images, score_threshold, max_dets_per_image)):
+        info = images.get(image_id, {})
+        file_name = info.get("file_name")
+        image = _read_image(
+            os.path.join(image_root, file_name) if file_name else None, info.get("width"), info.get("height")
+        )
+        h, w = image.shape[:2]
+        scale = 8.0 / max(w, h)
+        fig = Figure(figsize=(max(w * scale, 2.0), max(h * scale, 2.0)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes([0, 0, 1, 1])
+        ax.imshow(image)
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.axis("off")
+        for ann in gt_by_image.get(image_id, []):
+            x, y, bw, bh = ann["bbox"]
+            ax.add_patch(Rectangle((x, y), bw, bh, fill=False, edgecolor=GT_COLOR, linewidth=2.5))
+        for det in dets:
+            if "bbox_initial" in det:
+                x, y, bw, bh = det["bbox_initial"]
+                ax.add_patch(
+                    Rectangle((x, y), bw, bh, fill=False, edgecolor=INITIAL_COLOR, linewidth=2.2, linestyle="--")
+                )
+            x, y, bw, bh = det["bbox"]
+            ax.add_patch(Rectangle((x, y), bw, bh, fill=False, edgecolor=REFINED_COLOR, linewidth=2.2))
+            name = categories.get(det.get("category_id"), "")
+            inside = y < 0.06 * h  # no room above the box: label inside it
+            ax.text(
+                x,
+                y + 2 if inside else y - 2,
+                f"{name} {_label(det)}".strip(),
+                color="white",
+                fontsize=8,
+                va="top" if inside else "bottom",
+                bbox=dict(facecolor=REFINED_COLOR, alpha=0.75, pad=1, edgecolor="none"),
+            )
+        ax.text(
+            2,
+            h - 2,
+            "green: ground truth   orange (dashed): before refinement   blue: after",
+            color="black",
+            fontsize=7,
+            va="bottom",
+            bbox=dict(facecolor="white", alpha=0.7, pad=1, edgecolor="none"),
+        )
+        path = os.path.join(output_dir, f"refinement_{rank:02d}_image{image_id}.png")
+        fig.savefig(path, format="png", dpi=100)
+        paths.append(path)
+    if not paths:
+        logger.warning(f"No detection with score >= {score_threshold} in {results_json}: no picture written")
+    return paths
