@@ -1,9 +1,37 @@
-"""Detectron2 integration of Precise RoI Pooling (imported by ``prroi_d2`` when Detectron2 is installed).
+"""The Detectron2 glue of prroi_d2: pooler types, and IoU-Net (IoU head, ROI heads, IoU-guided NMS, refinement).
 
-``prroi_d2.modeling.poolers`` adds the ``PrRoIPool`` and ``PrRoIPoolV2`` pooler types to Detectron2's ``ROIPooler``
-and holds the registry for further types (:func:`register_pooler_type`).
+Importing this package registers, once per process: the ``PrRoIPool`` / ``PrRoIPoolV2`` pooler types of
+``ROIPooler``, ``IoUHead`` in ``IOU_HEAD_REGISTRY``, ``IoUNetROIHeads`` in ``ROI_HEADS_REGISTRY`` and ``IoUNetRCNN``
+in ``META_ARCH_REGISTRY``. ``from prroi_d2 import add_iounet_config`` imports it.
 """
 
-from prroi_d2.modeling.poolers import PRROI_POOLER_TYPES, register_pooler_type, registered_pooler_types
+from prroi_d2.modeling.box_jitter import sample_jittered_boxes
+from prroi_d2.modeling.iou_guided_nms import iou_guided_nms
+from prroi_d2.modeling.iou_head import IOU_HEAD_REGISTRY, IoUHead, build_iou_head
+from prroi_d2.modeling.meta_arch import IoUNetRCNN
+from prroi_d2.modeling.poolers import (
+    PRROI_POOLER_TYPES,
+    PrRoIPooler,
+    pool_rois,
+    register_pooler_type,
+    registered_pooler_types,
+)
+from prroi_d2.modeling.refinement import refine_boxes
+from prroi_d2.modeling.roi_heads import STAGES, IoUNetROIHeads
 
-__all__ = ["PRROI_POOLER_TYPES", "register_pooler_type", "registered_pooler_types"]
+__all__ = [
+    "IOU_HEAD_REGISTRY",
+    "PRROI_POOLER_TYPES",
+    "STAGES",
+    "IoUHead",
+    "IoUNetRCNN",
+    "IoUNetROIHeads",
+    "PrRoIPooler",
+    "build_iou_head",
+    "iou_guided_nms",
+    "pool_rois",
+    "refine_boxes",
+    "register_pooler_type",
+    "registered_pooler_types",
+    "sample_jittered_boxes",
+]

@@ -25,18 +25,23 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable
+from typing import List, Tuple
 
 import torch
-from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels, convert_boxes_to_pooler_format
+from detectron2.structures import Boxes
 from torch import Tensor, nn
 
-from prroi_d2.functional import prroi_pool2d
+from prroi_d2.functional import assign_fpn_levels, prroi_pool2d
 from prroi_d2.modules import PrRoIPool
 
 __all__ = [
     "PRROI_POOLER_TYPES",
     "LevelPrRoIPool",
     "PoolerFactory",
+    "PrRoIPooler",
+    "pool_levels",
+    "pool_rois",
     "register_pooler_type",
     "registered_pooler_types",
 ]
@@ -83,6 +88,11 @@ def _install() -> dict[str, PoolerFactory]:
             self.level_poolers = nn.ModuleList(
                 factory(output_size, float(scale), sampling_ratio) for scale in bound.arguments["scales"]
             )
+            if all(type(m) is LevelPrRoIPool for m in self.level_poolers):
+                # Precise RoI Pooling on every level: pool the whole pyramid in one launch (PrRoIPooler.forward).
+                self.__class__ = PrRoIPooler
+                self.prroi_scales = [m.spatial_scale for m in self.level_poolers]
+                self.prroi_aligned = bool(self.level_poolers[0].aligned)
 
         setattr(__init__, _REGISTRY_ATTR, registry)
         ROIPooler.__init__ = __init__
@@ -167,6 +177,65 @@ class LevelPrRoIPool(PrRoIPool):
             self.aligned,
         )
         return out.to(features.dtype)
+
+
+def pool_levels(
+    x: List[Tensor], rois: Tensor, levels: Tensor, output_size: Tuple[int, int], scales: List[float], aligned: bool
+) -> Tensor:
+    """Pool rois (K, 5) from the maps ``x`` (each (N, C, H_l, W_l)) at ``levels`` (K,) in one launch -> (K, C, h, w)
+    in the features' dtype; box coordinates are never rounded to a narrower dtype than their own."""
+    dtype = torch.promote_types(x[0].dtype, rois.dtype)
+    out = torch.ops.prroi_d2.prroi_pool2d_levels(
+        [f.to(dtype) for f in x], rois.to(dtype), levels, output_size[0], output_size[1], scales, aligned
+    )
+    return out.to(x[0].dtype)
+
+
+class PrRoIPooler(ROIPooler):
+    """A ``ROIPooler`` of type ``PrRoIPool`` / ``PrRoIPoolV2`` (the ``ROIPooler`` constructor returns one for those
+    types): same outputs, order and gradients as Detectron2's level-by-level ``forward``, but every level is pooled
+    by one launch of ``prroi_pool2d_levels``, without a gather, a scatter and a host synchronisation per level."""
+
+    prroi_scales: List[float]
+    prroi_aligned: bool
+
+    def forward(self, x: List[Tensor], box_lists: List[Boxes]) -> Tensor:
+        """x: one (N, C, H_l, W_l) map per level; box_lists: N ``Boxes`` -> (sum of boxes, C, h, w)."""
+        if len(x) != len(self.level_poolers):
+            raise ValueError(f"ROIPooler expects {len(self.level_poolers)} feature maps, got {len(x)}")
+        if len(box_lists) != x[0].size(0):
+            raise ValueError(f"ROIPooler got {len(box_lists)} box lists for a batch of {x[0].size(0)} images")
+        if len(box_lists) == 0:
+            return torch.zeros((0, x[0].shape[1]) + self.output_size, device=x[0].device, dtype=x[0].dtype)
+        rois = convert_boxes_to_pooler_format(box_lists)
+        if len(self.level_poolers) == 1:
+            levels = torch.zeros(rois.size(0), dtype=torch.int64, device=rois.device)
+        else:
+            levels = assign_boxes_to_levels(
+                box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+            )
+        return pool_levels(x, rois, levels, self.output_size, self.prroi_scales, self.prroi_aligned)
+
+
+def pool_rois(pooler: ROIPooler, x: List[Tensor], rois: Tensor) -> Tensor:
+    """Pool rois (K, 5) ``(image index, x0, y0, x1, y1)`` in any order with ``pooler`` -> (K, C, h, w).
+
+    A :class:`PrRoIPooler` pools them as they are, in one launch and without a host synchronisation. Any other
+    ``ROIPooler`` gets them as per-image ``Boxes`` (one synchronisation to count them), and the rows are put back
+    in the input order.
+    """
+    if isinstance(pooler, PrRoIPooler):
+        if len(pooler.level_poolers) == 1:
+            levels = torch.zeros(rois.size(0), dtype=torch.int64, device=rois.device)
+        else:
+            levels = assign_fpn_levels(rois, pooler.prroi_scales, pooler.canonical_box_size, pooler.canonical_level)
+        return pool_levels(x, rois, levels, pooler.output_size, pooler.prroi_scales, pooler.prroi_aligned)
+    image = rois[:, 0].to(torch.int64)
+    order = torch.argsort(image, stable=True)
+    counts = torch.bincount(image, minlength=x[0].size(0)).tolist()
+    box_lists = [Boxes(b) for b in rois[order, 1:].split(counts)]
+    pooled = pooler(x, box_lists)
+    return pooled[torch.argsort(order)]
 
 
 def _prroi_pool(output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int) -> nn.Module:

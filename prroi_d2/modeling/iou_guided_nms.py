@@ -1,0 +1,63 @@
+"""IoU-guided NMS (IoU-Net, Algorithm 1): rank boxes by predicted IoU, keep each cluster's best-localised box and
+give it the highest classification score of its cluster."""
+
+from typing import Tuple
+
+import torch
+import torchvision
+from torch import Tensor
+
+from prroi_d2.modeling.box_jitter import box_iou
+
+__all__ = ["iou_guided_nms"]
+
+# Rows of the (kept x all) overlap matrix computed at once when assigning boxes to clusters.
+_CLUSTER_CHUNK = 1024
+
+
+def iou_guided_nms(
+    boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float
+) -> Tuple[Tensor, Tensor]:
+    """IoU-guided NMS, batched over the groups in ``idxs`` (classes, or image x class).
+
+    Repeatedly takes the remaining box with the highest predicted IoU (ties: the lower index first), removes every
+    remaining box of its group whose IoU with it is above ``iou_threshold``, and scores the kept box with the maximum
+    of ``scores`` over its cluster (itself and the boxes it removed).
+
+    Args:
+        boxes: (N, 4) XYXY.
+        scores: (N,) classification scores.
+        ious: (N,) predicted IoU (the ranking key; pass ``scores * ious`` to rank by their product).
+        idxs: (N,) int64 group of each box; boxes of different groups never suppress each other.
+        iou_threshold: overlap above which a box is removed.
+
+    Returns:
+        keep: (M,) int64 indices into the inputs, in the order Algorithm 1 keeps them (decreasing predicted IoU).
+        cluster_scores: (M,) the maximum score of each kept box's cluster.
+    """
+    n = boxes.size(0)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores.new_zeros((0,))
+    # A strictly decreasing key in processing order, so torchvision's NMS follows exactly our tie-breaking.
+    order = torch.sort(ious, descending=True, stable=True).indices
+    rank = torch.empty(n, dtype=torch.float32, device=boxes.device)
+    rank[order] = torch.arange(n, 0, -1, dtype=torch.float32, device=boxes.device)
+    # Groups apart: offset each group's boxes beyond every other's (the batched-NMS coordinate trick).
+    boxes_f = boxes.float()
+    offsets = idxs.to(boxes_f) * (boxes_f.max() - boxes_f.min() + 1.0)
+    shifted = boxes_f + offsets[:, None]
+    keep = torchvision.ops.nms(shifted, rank, iou_threshold)
+
+    # Box j joins the cluster of the first kept box (in keep order) of its group overlapping it above the threshold;
+    # that box precedes j in the ranking, and a kept box is the first of its own cluster.
+    m = keep.numel()
+    cluster = torch.full((n,), m, dtype=torch.int64, device=boxes.device)
+    for start in range(0, m, _CLUSTER_CHUNK):
+        rows = keep[start : start + _CLUSTER_CHUNK]
+        hit = (box_iou(boxes_f[rows], boxes_f) > iou_threshold) & (idxs[rows][:, None] == idxs[None, :])
+        first = torch.where(hit.any(dim=0), hit.to(torch.uint8).argmax(dim=0) + start, m)
+        cluster = torch.minimum(cluster, first)
+    cluster[keep] = torch.arange(m, device=boxes.device)  # exact even where the two overlap computations round apart
+    cluster_scores = scores.new_full((m + 1,), float("-inf"))
+    cluster_scores = cluster_scores.scatter_reduce(0, cluster, scores, reduce="amax", include_self=True)
+    return keep, cluster_scores[:m]

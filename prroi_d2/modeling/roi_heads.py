@@ -1,0 +1,331 @@
+"""``IoUNetROIHeads``: Detectron2's ``StandardROIHeads`` plus IoU-Net's IoU branch, IoU-guided NMS and refinement."""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, batched_nms, cat
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from torch import Tensor
+
+from prroi_d2.functional import assign_fpn_levels
+from prroi_d2.modeling.box_jitter import sample_jittered_boxes
+from prroi_d2.modeling.iou_guided_nms import iou_guided_nms
+from prroi_d2.modeling.iou_head import build_iou_head
+from prroi_d2.modeling.poolers import PrRoIPooler, pool_levels, pool_rois
+from prroi_d2.modeling.refinement import refine_boxes
+
+__all__ = ["IoUNetROIHeads", "STAGES"]
+
+STAGES = ("baseline", "iou_nms", "refined")
+NMS_RANKS = ("iou", "score_x_iou")
+SCORE_MODES = ("cls", "iou", "cls_x_iou")
+
+
+@ROI_HEADS_REGISTRY.register()
+class IoUNetROIHeads(StandardROIHeads):
+    """``StandardROIHeads`` with an IoU branch (IoU-Net, Jiang et al., ECCV 2018).
+
+    Training adds ``loss_iou``: the IoU head, on its own pooler, learns the IoU of jittered ground-truth boxes
+    (:func:`~prroi_d2.modeling.box_jitter.sample_jittered_boxes`). With ``train_only_iou_head`` only that loss is
+    computed (the detector is frozen by :class:`~prroi_d2.modeling.meta_arch.IoUNetRCNN`).
+
+    Inference, batched over all images: the box head's class-specific boxes above the score threshold are the
+    candidates; the IoU head predicts each candidate's IoU for its class; then IoU-guided NMS (or Detectron2's NMS),
+    the top-k per image by score, refinement by gradient ascent on the predicted IoU, and the final score. Output
+    ``Instances`` have ``pred_boxes, scores, pred_classes, pred_ious`` and, after refinement, ``pred_boxes_initial,
+    pred_ious_initial``. With ``output_stages`` the second return value is ``{"stages": [per image {stage:
+    Instances}]}`` (``baseline``: Detectron2's NMS, no refinement; ``iou_nms``; ``refined``) instead of ``{}``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        iou_in_features: List[str],
+        iou_pooler: ROIPooler,
+        iou_head: torch.nn.Module,
+        jitter: Dict[str, float],
+        train_only_iou_head: bool = False,
+        output_stages: bool = False,
+        iou_nms_enabled: bool = True,
+        iou_nms_thresh: float = 0.5,
+        iou_nms_rank: str = "iou",
+        refine_enabled: bool = True,
+        refine_step: float = 0.5,
+        refine_max_iter: int = 5,
+        refine_stop_delta: float = 0.001,
+        refine_stop_drop: float = -0.01,
+        score_mode: str = "cls",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if iou_nms_rank not in NMS_RANKS:
+            raise ValueError(f"MODEL.IOU_NET.NMS.RANK must be one of {NMS_RANKS}, got {iou_nms_rank!r}")
+        if score_mode not in SCORE_MODES:
+            raise ValueError(f"MODEL.IOU_NET.SCORE must be one of {SCORE_MODES}, got {score_mode!r}")
+        if refine_enabled and not isinstance(iou_pooler, PrRoIPooler):
+            raise ValueError(
+                "MODEL.IOU_NET.REFINE needs a Precise RoI Pooling IoU pooler (MODEL.IOU_NET.POOLER_TYPE PrRoIPool or "
+                "PrRoIPoolV2): other poolers have no gradient with respect to the box coordinates"
+            )
+        if refine_max_iter < 0:
+            raise ValueError(f"MODEL.IOU_NET.REFINE.MAX_ITER must be >= 0, got {refine_max_iter}")
+        self.iou_in_features = iou_in_features
+        self.iou_pooler = iou_pooler
+        self.iou_head = iou_head
+        self.jitter = dict(jitter)
+        self.train_only_iou_head = train_only_iou_head
+        self.output_stages = output_stages
+        self.iou_nms_enabled = iou_nms_enabled
+        self.iou_nms_thresh = iou_nms_thresh
+        self.iou_nms_rank = iou_nms_rank
+        self.refine_enabled = refine_enabled
+        self.refine_step = refine_step
+        self.refine_max_iter = refine_max_iter
+        self.refine_stop_delta = refine_stop_delta
+        self.refine_stop_drop = refine_stop_drop
+        self.score_mode = score_mode
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret.update(cls._init_iou_head(cfg, input_shape))
+        return ret
+
+    @classmethod
+    def _init_iou_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        iou = cfg.MODEL.IOU_NET
+        in_features = list(iou.IN_FEATURES) or list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+        channels = {input_shape[f].channels for f in in_features}
+        if len(channels) != 1:
+            raise ValueError(f"MODEL.IOU_NET.IN_FEATURES must have one channel count, got {sorted(channels)}")
+        resolution = iou.POOLER_RESOLUTION
+        pooler = ROIPooler(
+            output_size=resolution,
+            scales=tuple(1.0 / input_shape[f].stride for f in in_features),
+            sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+            pooler_type=iou.POOLER_TYPE,
+        )
+        head = build_iou_head(cfg, ShapeSpec(channels=channels.pop(), height=resolution, width=resolution))
+        jitter = {
+            "num_samples": iou.JITTER.NUM_PER_IMAGE,
+            "num_bins": iou.JITTER.NUM_BINS,
+            "min_iou": iou.JITTER.MIN_IOU,
+            "max_shift": iou.JITTER.MAX_SHIFT,
+            "max_scale": iou.JITTER.MAX_SCALE,
+            "candidates_per_sample": iou.JITTER.CANDIDATES_PER_SAMPLE,
+            "add_proposals": iou.JITTER.ADD_PROPOSALS,
+        }
+        return {
+            "iou_in_features": in_features,
+            "iou_pooler": pooler,
+            "iou_head": head,
+            "jitter": jitter,
+            "train_only_iou_head": iou.TRAIN_ONLY_IOU_HEAD,
+            "output_stages": iou.OUTPUT_STAGES,
+            "iou_nms_enabled": iou.NMS.ENABLED,
+            "iou_nms_thresh": iou.NMS.IOU_THRESH,
+            "iou_nms_rank": iou.NMS.RANK,
+            "refine_enabled": iou.REFINE.ENABLED,
+            "refine_step": iou.REFINE.STEP,
+            "refine_max_iter": iou.REFINE.MAX_ITER,
+            "refine_stop_delta": iou.REFINE.STOP_DELTA,
+            "refine_stop_drop": iou.REFINE.STOP_DROP,
+            "score_mode": iou.SCORE,
+        }
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def forward(self, images, features: Dict[str, Tensor], proposals: List[Instances], targets=None):
+        if not self.training:
+            return self._inference(features, proposals, images.image_sizes)
+        if targets is None:
+            raise ValueError("IoUNetROIHeads needs targets in training")
+        losses: Dict[str, Tensor] = {}
+        if not self.train_only_iou_head or self.jitter["add_proposals"]:
+            proposals = self.label_and_sample_proposals(proposals, targets)
+        if not self.train_only_iou_head:
+            losses.update(self._forward_box(features, proposals))
+            losses.update(self._forward_mask(features, proposals))
+            losses.update(self._forward_keypoint(features, proposals))
+        losses.update(self._forward_iou_loss(features, proposals, targets))
+        return proposals, losses
+
+    def _forward_iou_loss(self, features, proposals: List[Instances], targets: List[Instances]) -> Dict[str, Tensor]:
+        """``{"loss_iou"}`` on jittered ground truth (and, optionally, the sampled proposals with IoU >= MIN_IOU)."""
+        options = {k: v for k, v in self.jitter.items() if k != "add_proposals"}
+        rois, ious, classes = [], [], []
+        for image, target in enumerate(targets):
+            gt = target.gt_boxes.tensor
+            boxes, iou, gt_index = sample_jittered_boxes(gt, target.image_size, **options)
+            parts = [(boxes, iou, target.gt_classes[gt_index])]
+            if self.jitter["add_proposals"] and len(gt) > 0:
+                boxes = proposals[image].proposal_boxes.tensor.detach()
+                iou, gt_index = pairwise_iou(Boxes(boxes), target.gt_boxes).max(dim=1)
+                keep = iou >= options["min_iou"]
+                parts.append((boxes[keep], iou[keep], target.gt_classes[gt_index[keep]]))
+            for boxes, iou, cls in parts:
+                rois.append(torch.cat([torch.full_like(boxes[:, :1], image), boxes], dim=1))
+                ious.append(iou)
+                classes.append(cls)
+        rois = cat(rois)
+        raw = self.iou_head(pool_rois(self.iou_pooler, [features[f] for f in self.iou_in_features], rois))
+        return self.iou_head.losses(raw, cat(classes), cat(ious))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Inference
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _inference(self, features, proposals: List[Instances], image_sizes: List[Tuple[int, int]]):
+        box_features = self.box_head(
+            self.box_pooler([features[f] for f in self.box_in_features], [x.proposal_boxes for x in proposals])
+        )
+        predictions = self.box_predictor(box_features)
+        del box_features
+        cand = self._candidates(
+            self.box_predictor.predict_boxes(predictions, proposals),
+            self.box_predictor.predict_probs(predictions, proposals),
+            image_sizes,
+        )
+        iou_features = [features[f] for f in self.iou_in_features]
+        cand["ious"] = self._predict_ious(iou_features, cand["boxes"], cand["images"], cand["classes"])
+        num_images = len(image_sizes)
+        groups = cand["images"] * self.num_classes + cand["classes"]
+        topk = self.box_predictor.test_topk_per_image
+
+        stages: Dict[str, List[Instances]] = {}
+        if self.output_stages or not self.iou_nms_enabled:
+            keep = batched_nms(cand["boxes"], cand["scores"], groups, self.box_predictor.test_nms_thresh)
+            keep = _top_per_image(keep, cand["scores"][keep], cand["images"][keep], topk)
+            cls_scores = cand["scores"][keep]
+            stages["baseline"] = self._to_instances(cand, keep, cls_scores, image_sizes)
+        if self.iou_nms_enabled:
+            rank = cand["ious"] if self.iou_nms_rank == "iou" else cand["scores"] * cand["ious"]
+            keep, cluster_scores = iou_guided_nms(cand["boxes"], cand["scores"], rank, groups, self.iou_nms_thresh)
+            top = _top_per_image(
+                torch.arange(len(keep), device=keep.device), cluster_scores, cand["images"][keep], topk
+            )
+            keep, cls_scores = keep[top], cluster_scores[top]
+            stages["iou_nms"] = self._to_instances(cand, keep, self._score(cls_scores, cand["ious"][keep]), image_sizes)
+        if self.refine_enabled:
+            boxes, ious, initial = self._refine(iou_features, cand, keep, image_sizes)
+            refined = {"boxes": boxes, "ious": ious, "classes": cand["classes"][keep], "images": cand["images"][keep]}
+            extra = {"pred_boxes_initial": Boxes(cand["boxes"][keep]), "pred_ious_initial": initial}
+            index = torch.arange(len(keep), device=keep.device)
+            stages["refined"] = self._to_instances(refined, index, self._score(cls_scores, ious), image_sizes, extra)
+        final = self.forward_with_given_boxes(features, stages[[s for s in STAGES if s in stages][-1]])
+        if not self.output_stages:
+            return final, {}
+        return final, {"stages": [{s: stages[s][i] for s in stages} for i in range(num_images)]}
+
+    def _candidates(self, boxes, scores, image_sizes) -> Dict[str, Tensor]:
+        """Every (proposal, class) above the score threshold, all images at once, as Detectron2's
+        ``fast_rcnn_inference`` selects them: boxes (M, 4) clipped, scores (M,), classes (M,), images (M,)."""
+        counts = [len(b) for b in boxes]
+        boxes, scores = cat(list(boxes)), cat(list(scores))
+        device = scores.device
+        images = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+        valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
+        scores = scores[:, :-1]
+        boxes = boxes.view(boxes.size(0), -1, 4)
+        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)[images]  # (R, 2): height, width
+        limits = sizes.flip(1).repeat(1, 2)[:, None, :]
+        boxes = torch.minimum(boxes.clamp(min=0), limits)
+        mask = (scores > self.box_predictor.test_score_thresh) & valid[:, None]
+        index = mask.nonzero()
+        chosen = boxes[index[:, 0], 0] if boxes.size(1) == 1 else boxes[mask]
+        return {"boxes": chosen, "scores": scores[mask], "classes": index[:, 1], "images": images[index[:, 0]]}
+
+    def _predict_ious(self, features: List[Tensor], boxes: Tensor, images: Tensor, classes: Tensor) -> Tensor:
+        """(M,) predicted IoU in [0, 1] of boxes (M, 4) of ``images`` (M,) for ``classes`` (M,)."""
+        rois = torch.cat([images.to(boxes.dtype)[:, None], boxes], dim=1)
+        raw = self.iou_head(pool_rois(self.iou_pooler, features, rois))
+        return self.iou_head.predict_ious(raw, classes)
+
+    def _refine(self, features, cand, keep, image_sizes) -> Tuple[Tensor, Tensor, Tensor]:
+        """Refine the kept candidates (Algorithm 2) with one pooling launch per step; FPN levels stay those of the
+        initial boxes. Returns boxes (R, 4), predicted IoU (R,), predicted IoU before refinement (R,)."""
+        pooler = self.iou_pooler
+        # Under inference_mode every tensor is an inference tensor, which autograd cannot save: refine on copies.
+        with torch.inference_mode(False):
+            features = [_normal_tensor(f) for f in features]
+            boxes, classes, images = (_normal_tensor(cand[k][keep]) for k in ("boxes", "classes", "images"))
+            image_index = images.to(boxes.dtype)[:, None]
+            levels = assign_fpn_levels(boxes, pooler.prroi_scales, pooler.canonical_box_size, pooler.canonical_level)
+            if len(pooler.prroi_scales) == 1:
+                levels = torch.zeros_like(levels)
+            sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[images]
+
+        def predict(b: Tensor) -> Tensor:
+            rois = torch.cat([image_index, b], dim=1)
+            pooled = pool_levels(features, rois, levels, pooler.output_size, pooler.prroi_scales, pooler.prroi_aligned)
+            return self.iou_head.predict_ious(self.iou_head(pooled), classes, clamp=False)
+
+        refined, ious, initial = refine_boxes(
+            boxes,
+            predict,
+            step=self.refine_step,
+            max_iter=self.refine_max_iter,
+            stop_delta=self.refine_stop_delta,
+            stop_drop=self.refine_stop_drop,
+            clip_size=sizes,
+        )
+        return refined, ious.clamp(0.0, 1.0), initial.clamp(0.0, 1.0)
+
+    def _score(self, cls_scores: Tensor, ious: Tensor) -> Tensor:
+        if self.score_mode == "cls":
+            return cls_scores
+        if self.score_mode == "iou":
+            return ious.to(cls_scores.dtype)
+        return cls_scores * ious.to(cls_scores.dtype)
+
+    @staticmethod
+    def _to_instances(
+        dets: Dict[str, Tensor],
+        index: Tensor,
+        scores: Tensor,
+        image_sizes: List[Tuple[int, int]],
+        extra: Optional[Dict[str, object]] = None,
+    ) -> List[Instances]:
+        """Per-image ``Instances`` of the detections ``dets[...][index]`` with ``scores`` (len(index),); ``index``
+        must list each image's detections together, images in order (one host synchronisation to split them)."""
+        images = dets["images"][index]
+        counts = torch.bincount(images, minlength=len(image_sizes)).tolist()
+        fields = {
+            "pred_boxes": dets["boxes"][index],
+            "scores": scores,
+            "pred_classes": dets["classes"][index],
+            "pred_ious": dets["ious"][index],
+        }
+        for name, value in (extra or {}).items():
+            fields[name] = value.tensor if isinstance(value, Boxes) else value
+        split = {name: value.split(counts) for name, value in fields.items()}
+        results = []
+        for i, size in enumerate(image_sizes):
+            inst = Instances(size)
+            for name, parts in split.items():
+                inst.set(name, Boxes(parts[i]) if name.startswith("pred_boxes") else parts[i])
+            results.append(inst)
+        return results
+
+
+def _top_per_image(index: Tensor, scores: Tensor, images: Tensor, k: int) -> Tensor:
+    """The entries of ``index`` (M,) with the ``k`` highest ``scores`` (M,) of each image in ``images`` (M,); grouped
+    by image (in image order), by decreasing score within an image (ties keep their input order). k < 0: all."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(images[order], stable=True).indices]
+    if k >= 0:
+        sorted_images = images[order]
+        first = torch.searchsorted(sorted_images, sorted_images, right=False)
+        order = order[torch.arange(len(order), device=order.device) - first < k]
+    return index[order]
+
+
+def _normal_tensor(t: Tensor) -> Tensor:
+    """``t``, or a copy of it outside inference mode if it is an inference tensor (call with inference mode off)."""
+    return t.clone() if t.is_inference() else t
