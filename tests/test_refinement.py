@@ -1,0 +1,118 @@
+"""Box refinement (Algorithm 2) on hand-made differentiable IoU functions (CPU; CUDA when available)."""
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+
+from prroi_d2.modeling import refine_boxes
+from prroi_d2.modeling.box_jitter import box_iou
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _iou_with(target):
+    """A differentiable 'predicted IoU': the true IoU of each box with its own target box (K, 4)."""
+
+    def predict(boxes):
+        lt = torch.maximum(boxes[:, :2], target[:, :2])
+        rb = torch.minimum(boxes[:, 2:], target[:, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=1)
+        area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1) + (target[:, 2:] - target[:, :2]).prod(dim=1)
+        return inter / (area - inter)
+
+    return predict
+
+
+def _case(device, k=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(k, 2, generator=g) * 100
+    target = torch.cat([target, target + 20 + torch.rand(k, 2, generator=g) * 60], dim=1)
+    size = target[:, 2:] - target[:, :2]
+    start = target + (torch.rand(k, 4, generator=g) - 0.5) * 0.3 * size.repeat(1, 2)
+    return target.to(device), start.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_boxes_move_toward_the_optimum(device):
+    target, start = _case(device)
+    predict = _iou_with(target)
+    refined, ious, initial = refine_boxes(start, predict, step=0.5, max_iter=5, stop_delta=0.0, stop_drop=-1.0)
+    torch.testing.assert_close(initial, box_iou(start, target).diagonal())
+    torch.testing.assert_close(ious, box_iou(refined, target).diagonal())
+    assert (ious >= initial).all()
+    assert ious.mean() > initial.mean() + 0.1
+    assert (refined - target).abs().mean() < 0.7 * (start - target).abs().mean()
+    # More iterations get closer still.
+    longer, longer_ious, _ = refine_boxes(start, predict, step=0.5, max_iter=20, stop_delta=0.0, stop_drop=-1.0)
+    assert longer_ious.mean() > ious.mean()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_never_returns_a_lower_predicted_iou(device):
+    target, start = _case(device, seed=1)
+    # A huge step overshoots: the predicted IoU drops, and the best box seen (often the input) is returned.
+    refined, ious, initial = refine_boxes(start, _iou_with(target), step=8.0, max_iter=5)
+    assert (ious >= initial).all()
+    torch.testing.assert_close(ious, box_iou(refined, target).diagonal())
+    assert torch.equal(refined[ious == initial], start[ious == initial])
+
+
+def test_early_stop_rules():
+    # Scripted predicted IoU per evaluation t = 0..5 and box; the gradient is 1 for x0 and x1, so every step of a
+    # running box shifts it right by step * width.
+    table = torch.tensor(
+        [
+            [0.50, 0.60, 0.70, 0.80, 0.90, 0.95],  # A: keeps improving: runs all 5 steps, the last box is best
+            [0.50, 0.5005, 0.9, 0.9, 0.9, 0.9],  # B: change < Omega_1 at t=1: stops, best = box after 1 step
+            [0.60, 0.70, 0.65, 0.99, 0.99, 0.99],  # C: drop < Omega_2 at t=2: stops, best = box after 1 step
+            [0.60, 0.595, 0.59, 0.585, 0.58, 0.575],  # D: small drops: keeps running, best = the input
+        ]
+    ).T
+    calls = []
+
+    def predict(boxes):
+        t = len(calls)
+        calls.append(boxes.detach().clone())
+        moving = boxes[:, 0] + boxes[:, 2]
+        return table[t] + moving - moving.detach()
+
+    start = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]])
+    refined, ious, initial = refine_boxes(start, predict, step=0.5, max_iter=5, stop_delta=0.001, stop_drop=-0.01)
+    assert len(calls) == 6
+    shift = refined[:, 0] / 5.0  # steps taken by the returned box (each moves by 0.5 * width = 5)
+    assert shift.tolist() == [5.0, 1.0, 1.0, 0.0]
+    assert ious.tolist() == pytest.approx([0.95, 0.5005, 0.70, 0.60], abs=1e-5)
+    assert initial.tolist() == pytest.approx([0.5, 0.5, 0.6, 0.6], abs=1e-5)
+    # Stopped boxes stay where they stopped.
+    assert calls[-1][1, 0].item() == 5.0 and calls[-1][2, 0].item() == 10.0 and calls[-1][3, 0].item() == 25.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_equals_one_box_at_a_time(device):
+    target, start = _case(device, k=12, seed=2)
+    refined, ious, initial = refine_boxes(start, _iou_with(target), step=0.5, max_iter=5)
+    for i in range(len(start)):
+        r, s, s0 = refine_boxes(start[i : i + 1], _iou_with(target[i : i + 1]), step=0.5, max_iter=5)
+        torch.testing.assert_close(r[0], refined[i])
+        torch.testing.assert_close(s[0], ious[i])
+        torch.testing.assert_close(s0[0], initial[i])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_under_no_grad_and_inference_mode(device, context):
+    target, start = _case(device, k=8, seed=3)
+    expected = refine_boxes(start, _iou_with(target))
+    with context():
+        got = refine_boxes(start.clone(), _iou_with(target))  # the boxes are inference tensors under inference_mode
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert (got[1] > got[2]).any()
+
+
+def test_clipped_to_the_image():
+    target = torch.tensor([[-30.0, -30.0, 20.0, 20.0]])  # optimum partly outside the image
+    start = torch.tensor([[2.0, 2.0, 30.0, 30.0]])
+    refined, _, _ = refine_boxes(start, _iou_with(target), step=0.5, max_iter=5, clip_size=torch.tensor([[50, 40]]))
+    assert (refined >= 0).all() and refined[0, 2] <= 40 and refined[0, 3] <= 50
