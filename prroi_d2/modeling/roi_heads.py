@@ -232,7 +232,7 @@ class IoUNetROIHeads(StandardROIHeads):
         images = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
         valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
         scores = scores[:, :-1]
-        boxes = boxes.view(boxes.size(0), -1, 4)
+        boxes = boxes.view(boxes.size(0), boxes.size(1) // 4, 4)
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)[images]  # (R, 2): height, width
         limits = sizes.flip(1).repeat(1, 2)[:, None, :]
         boxes = torch.minimum(boxes.clamp(min=0), limits)
