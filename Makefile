@@ -5,7 +5,7 @@ env:
 	bash tools/dev_env.sh
 
 demo: env
-	PYTHONPATH=$(CURDIR) .venv/bin/python tools/demo_pooler_swap.py
+	PYTHONPATH=$(CURDIR) .venv/bin/python tools/train_net.py --config-file configs/iounet_synthetic_R18.yaml
 
 test: env lint
 	PYTHONPATH=$(CURDIR) .venv/bin/python -m pytest tests -q -p no:cacheprovider

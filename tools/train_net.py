@@ -5,6 +5,9 @@
     python tools/train_net.py --config-file configs/iounet_R50.yaml --num-gpus 8           # COCO 2017
     python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model.pth     # evaluate every stage
     python tools/train_net.py --config-file CONFIG --resume                                # continue a killed run
+    python tools/train_net.py --config-file configs/iounet_synthetic_R18.yaml \
+        --register mine_train train.json images/ --register mine_val val.json images/ \
+        DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)' MODEL.ROI_HEADS.NUM_CLASSES 3   # own data
 
 Evaluation reports the baseline (Detectron2's NMS), +IoU-guided NMS and +refinement from one pass (COCO AP at
 several IoU thresholds, predicted-vs-true IoU correlation) and writes OUTPUT_DIR/inference/: iounet_stages.{json,md},
@@ -22,6 +25,7 @@ import torch  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
@@ -65,8 +69,12 @@ def setup(args):
     return cfg
 
 
-def register_datasets(names):
-    """Register (generating it on first use) the embedded synthetic set if the config names it."""
+def register_datasets(names, coco_format=()):
+    """Register the ``--register NAME JSON IMAGE_ROOT`` datasets, and the embedded synthetic set (generated on first
+    use) if the config names it."""
+    for name, json_file, image_root in coco_format or ():
+        if name not in DatasetCatalog.list():
+            register_coco_instances(name, {}, json_file, image_root)
     if any(name.startswith(SYNTHETIC_PREFIX + "_") for name in names):
         register_synthetic_datasets(prefix=SYNTHETIC_PREFIX)
 
@@ -112,7 +120,7 @@ def report(cfg):
 def main(args):
     cfg = setup(args)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
-    register_datasets(names)
+    register_datasets(names, args.register)
     message = missing_data_message(names)
     if message is not None:
         raise SystemExit(message)
@@ -130,7 +138,15 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset (repeatable); name it in DATASETS.TRAIN / DATASETS.TEST",
+    )
+    args = parser.parse_args()
     print("Command Line Args:", args)
     launch(
         main,
