@@ -49,7 +49,7 @@ setup(
     license="MIT",
     packages=find_packages(include=["prroi_d2", "prroi_d2.*"]),
     package_data={"prroi_d2": ["csrc/*.h", "csrc/*/*.h", "csrc/*.cpp", "csrc/*/*.cpp", "csrc/*/*.cu", "csrc/*/*.cuh"]},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "detectron2": ["fvcore>=0.1.5,<0.1.6", "iopath>=0.1.7,<0.1.10", "pycocotools>=2.0.2"],

@@ -3,11 +3,20 @@
 A prebuilt library (``pip install .``, ``python setup.py build_ext --inplace``) is loaded when present. In a source
 checkout without one, the sources are compiled on first import with ninja (``torch.utils.cpp_extension.load``), with
 CUDA kernels when a GPU and a CUDA toolkit are present; a failed build raises with the compiler's own output.
+
+A prebuilt library older than one of its sources (``csrc``: ``.cpp``, ``.h``, ``.cu``, ``.cuh``) in a source checkout
+(a ``setup.py`` beside the package) is still loaded, with a ``UserWarning`` naming the library, the newest source and
+the command that rebuilds it. It is not rebuilt on import: a rebuild of the CUDA kernels takes minutes, needs the
+toolchain the library was built with (``tools/dev_env.sh`` sets it up, with nvcc and the CUDA architectures), and
+would race with other processes importing the package; the warning says what to run instead. In an installed package
+(no ``setup.py`` beside it) file times say nothing about the build and are not compared.
 """
 
 import glob
 import importlib.machinery
 import os
+import warnings
+from typing import Optional
 
 import torch
 
@@ -30,6 +39,42 @@ def sources(with_cuda: bool):
     if with_cuda:
         files += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
     return files
+
+
+REBUILD_COMMAND = "python setup.py build_ext --inplace (or bash tools/dev_env.sh for the development environment)"
+
+
+def _newest_source(package_dir: str) -> Optional[str]:
+    """The most recently modified source file (sources and headers) under ``package_dir/csrc``, or None."""
+    newest, newest_time = None, None
+    for root, _, names in os.walk(os.path.join(package_dir, "csrc")):
+        for name in names:
+            if name.endswith((".cpp", ".h", ".cu", ".cuh")):
+                path = os.path.join(root, name)
+                mtime = os.stat(path).st_mtime
+                if newest_time is None or mtime > newest_time:
+                    newest, newest_time = path, mtime
+    return newest
+
+
+def warn_if_stale(library: str, package_dir: str) -> None:
+    """Warn when ``library`` is older than a source under ``package_dir/csrc`` in a source checkout (a ``setup.py``
+    in the folder above ``package_dir``)."""
+    if not os.path.exists(os.path.join(os.path.dirname(package_dir), "setup.py")):
+        return
+    newest = _newest_source(package_dir)
+    if newest is not None and os.stat(newest).st_mtime > os.stat(library).st_mtime:
+        warnings.warn(
+            "prroi_d2: the compiled library {} is older than its source {}; it is loaded as it is, so the ops may "
+            "not match the sources. Rebuild it in {} with: {}".format(
+                library,
+                os.path.relpath(newest, os.path.dirname(package_dir)),
+                os.path.dirname(package_dir),
+                REBUILD_COMMAND,
+            ),
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _jit_build():
@@ -56,6 +101,7 @@ def load() -> None:
         return
     path = _prebuilt_library()
     if path is not None:
+        warn_if_stale(path, _PACKAGE_DIR)
         torch.ops.load_library(path)
     else:
         _jit_build()

@@ -15,6 +15,11 @@ Defined results for bad boxes:
     feature and adds nothing to the feature gradient, and its coordinate gradient is NaN;
   * on CUDA, a box whose batch index is not an integer in ``[0, N)`` pools to NaN in the same way (checking it would
     need a host synchronisation); on the CPU it raises a ``ValueError``.
+
+The entry points are leaf functions for ``torch.fx`` (``torch.fx.wrap``, as torchvision does for its ops), so a
+module that calls them, or uses :class:`prroi_d2.PrRoIPool`, can be traced with ``torch.fx.symbolic_trace``.
+A module that imports them by name into its own namespace calls ``torch.fx.wrap("prroi_pool")`` there as well (or
+calls them as ``prroi_d2.functional.prroi_pool``).
 """
 
 import math
@@ -49,6 +54,7 @@ def boxes_to_rois(boxes: Union[Tensor, List[Tensor]]) -> Tensor:
     return torch.cat([torch.cat(index, dim=0), torch.cat(boxes, dim=0)], dim=1)
 
 
+@torch.fx.wrap
 def prroi_pool2d(
     features: Tensor,
     rois: Union[Tensor, List[Tensor]],
@@ -77,6 +83,7 @@ def prroi_pool2d(
     )
 
 
+@torch.fx.wrap
 def prroi_pool(
     features: Tensor,
     rois: Union[Tensor, List[Tensor]],
@@ -92,6 +99,7 @@ def prroi_pool(
     return prroi_pool2d(features, rois, pooled_height, pooled_width, spatial_scale, aligned)
 
 
+@torch.fx.wrap
 def prroi_pool_levels(
     features: List[Tensor],
     rois: Union[Tensor, List[Tensor]],

@@ -1,12 +1,17 @@
-"""``nn.Module`` wrappers of Precise RoI Pooling (no parameters; scriptable)."""
+"""``nn.Module`` wrappers of Precise RoI Pooling (no parameters; scriptable, and traceable by ``torch.fx``)."""
 
 from typing import List, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from prroi_d2.functional import output_size_pair, prroi_pool2d
 
 __all__ = ["PrRoIPool2D", "PrRoIPool"]
+
+# A leaf of torch.fx traces here too (fx patches the name in the namespace that calls it): symbolic_trace records a
+# call of prroi_pool2d instead of tracing into it, where a list of boxes cannot be handled with proxies.
+torch.fx.wrap("prroi_pool2d")
 
 
 class PrRoIPool2D(nn.Module):
