@@ -16,6 +16,15 @@ Defined results for bad boxes:
   * on CUDA, a box whose batch index is not an integer in ``[0, N)`` pools to NaN in the same way (checking it would
     need a host synchronisation); on the CPU it raises a ``ValueError``.
 
+Dtypes: features float16, bfloat16, float32 or float64 (CPU and CUDA; float16/bfloat16 are summed in float32). Boxes
+have the features' dtype, or float32 with float16/bfloat16 features (recommended: coordinates such as 1300.7 or a
+batch index of 257 are not rounded to the features' precision), or float64 with float32 features (used as float32).
+Box coordinates and ``spatial_scale`` are used in float32, or float64 for float64 features. The output has the
+features' dtype; gradients have the dtypes of their inputs.
+
+Sizes: batch size, channels, height and width of a map, ``pooled_height``, ``pooled_width``, bins per box
+(``pooled_height * pooled_width``) and channels x bins are each at most 2**30; larger ones raise ``ValueError``.
+
 The entry points are leaf functions for ``torch.fx`` (``torch.fx.wrap``, as torchvision does for its ops), so a
 module that calls them, or uses :class:`prroi_d2.PrRoIPool`, can be traced with ``torch.fx.symbolic_trace``.
 A module that imports them by name into its own namespace calls ``torch.fx.wrap("prroi_pool")`` there as well (or
@@ -66,15 +75,17 @@ def prroi_pool2d(
     """Precise RoI Pooling, in the argument order of the original ``prroi_pool`` package.
 
     Args:
-        features: (N, C, H, W) float32 or float64; float16 and bfloat16 too on CUDA.
-        rois: (K, 5) ``(batch_index, x0, y0, x1, y1)`` in input coordinates, same dtype and device as
-            ``features``; or a list of N per-image (Ki, 4) ``(x0, y0, x1, y1)`` tensors.
-        pooled_height, pooled_width: output bins per box, >= 1.
-        spatial_scale: factor from input coordinates to feature-map pixels (e.g. 1/16), finite and > 0.
+        features: (N, C, H, W) float16, bfloat16, float32 or float64.
+        rois: (K, 5) ``(batch_index, x0, y0, x1, y1)`` in input coordinates, on the device of ``features``, of its
+            dtype, or float32 with float16/bfloat16 features, or float64 with float32 features; or a list of N
+            per-image (Ki, 4) ``(x0, y0, x1, y1)`` tensors.
+        pooled_height, pooled_width: output bins per box, >= 1 (at most 2**30 bins per box).
+        spatial_scale: factor from input coordinates to feature-map pixels (e.g. 1/16), finite and > 0 in float32
+            (float64 for float64 features).
         aligned: shift scaled boxes by -0.5 pixel (Detectron2 ``ROIAlignV2`` geometry).
 
     Returns:
-        (K, C, pooled_height, pooled_width), contiguous.
+        (K, C, pooled_height, pooled_width) in the features' dtype, contiguous.
 
     Bad arguments raise ``ValueError`` or ``TypeError`` naming the argument.
     """

@@ -5,9 +5,12 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #ifdef WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "cuda/launchers.h"
 #endif
 
 namespace prroi_d2 {
@@ -83,6 +86,34 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> prroi_pool2d_levels_backward(
 }
 
 namespace detail {
+namespace {
+
+bool is_features_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+// rois of the features' dtype; float32 with float16/bfloat16 features (box coordinates are not rounded to the
+// features' precision); float64 with float32 features (used as float32).
+bool rois_dtype_fits(at::ScalarType features, at::ScalarType rois) {
+  return rois == features || (rois == at::kFloat && (features == at::kHalf || features == at::kBFloat16)) ||
+      (rois == at::kDouble && features == at::kFloat);
+}
+
+// Whether a spatial scale is finite and > 0 in the type the kernels use it in (box_dtype); e.g. 1e300 and 1e-46
+// are not in float32.
+bool scale_fits(double scale, at::ScalarType features_dtype) {
+  if (box_dtype(features_dtype) == at::kDouble) return std::isfinite(scale) && scale > 0;
+  if (!(std::abs(scale) <= static_cast<double>(std::numeric_limits<float>::max()))) return false;  // NaN too
+  return static_cast<float>(scale) > 0.0f;
+}
+
+const char* box_dtype_name(at::ScalarType features_dtype) {
+  return box_dtype(features_dtype) == at::kDouble
+      ? "float64 (the kernels' type for float64 features)"
+      : "float32 (the kernels' type for float32, float16 and bfloat16 features)";
+}
+
+}  // namespace
 
 void check_forward_args(
     const at::Tensor& features,
@@ -95,18 +126,33 @@ void check_forward_args(
   TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5,
                     "prroi_pool2d: rois must be (K, 5) rows of (batch_index, x0, y0, x1, y1) or a list of (Ki, 4) "
                     "boxes, got shape ", rois.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(features.scalar_type()),
-                   "prroi_pool2d: features must be a floating-point tensor, got ", features.scalar_type());
-  TORCH_CHECK_TYPE(rois.scalar_type() == features.scalar_type(), "prroi_pool2d: rois dtype ", rois.scalar_type(),
-                   " does not match features dtype ", features.scalar_type());
+  TORCH_CHECK_TYPE(is_features_dtype(features.scalar_type()),
+                   "prroi_pool2d: features must be float16, bfloat16, float32 or float64, got ",
+                   features.scalar_type());
+  TORCH_CHECK_TYPE(rois_dtype_fits(features.scalar_type(), rois.scalar_type()), "prroi_pool2d: rois dtype ",
+                   rois.scalar_type(), " does not go with features dtype ", features.scalar_type(), ": rois take "
+                   "the features' dtype, float32 with float16/bfloat16 features, or float64 with float32 features");
   TORCH_CHECK_VALUE(rois.device() == features.device(), "prroi_pool2d: rois are on ", rois.device(),
                     " but features are on ", features.device());
   TORCH_CHECK_VALUE(pooled_height >= 1, "prroi_pool2d: pooled_height must be >= 1, got ", pooled_height);
   TORCH_CHECK_VALUE(pooled_width >= 1, "prroi_pool2d: pooled_width must be >= 1, got ", pooled_width);
-  TORCH_CHECK_VALUE(std::isfinite(spatial_scale) && spatial_scale > 0,
-                    "prroi_pool2d: spatial_scale must be finite and > 0, got ", spatial_scale);
-  TORCH_CHECK_VALUE(features.size(2) <= INT32_MAX && features.size(3) <= INT32_MAX && features.size(0) <= INT32_MAX,
-                    "prroi_pool2d: features height, width and batch must each be < 2^31, got ", features.sizes());
+  TORCH_CHECK_VALUE(pooled_height <= kMaxSize, "prroi_pool2d: pooled_height must be at most 2^30 (", kMaxSize,
+                    "), got ", pooled_height);
+  TORCH_CHECK_VALUE(pooled_width <= kMaxSize, "prroi_pool2d: pooled_width must be at most 2^30 (", kMaxSize,
+                    "), got ", pooled_width);
+  const int64_t bins = pooled_height * pooled_width;  // < 2^60
+  TORCH_CHECK_VALUE(bins <= kMaxSize, "prroi_pool2d: pooled_height x pooled_width (bins per box) must be at most "
+                    "2^30 (", kMaxSize, "), got ", pooled_height, " x ", pooled_width, " = ", bins);
+  TORCH_CHECK_VALUE(scale_fits(spatial_scale, features.scalar_type()), "prroi_pool2d: spatial_scale must be finite "
+                    "and > 0 in ", box_dtype_name(features.scalar_type()), ", got ", spatial_scale);
+  const char* dims[4] = {"batch size", "channels", "height", "width"};
+  for (int d = 0; d < 4; ++d) {
+    TORCH_CHECK_VALUE(features.size(d) <= kMaxSize, "prroi_pool2d: features ", dims[d], " must be at most 2^30 (",
+                      kMaxSize, "), got features of shape ", features.sizes());
+  }
+  TORCH_CHECK_VALUE(features.size(1) * bins <= kMaxSize, "prroi_pool2d: features channels x pooled_height x "
+                    "pooled_width (one box's output) must be at most 2^30 (", kMaxSize, "), got ", features.size(1),
+                    " x ", pooled_height, " x ", pooled_width);
 }
 
 void check_backward_args(
@@ -140,8 +186,9 @@ void check_levels_args(
   for (size_t l = 0; l < features.size(); ++l) {
     TORCH_CHECK_VALUE(features[l].dim() == 4, "prroi_pool2d_levels: features[", l, "] must be 4-D (N, C, H, W), "
                       "got shape ", features[l].sizes());
-    TORCH_CHECK_VALUE(std::isfinite(spatial_scales[l]) && spatial_scales[l] > 0, "prroi_pool2d_levels: "
-                      "spatial_scales[", l, "] must be finite and > 0, got ", spatial_scales[l]);
+    TORCH_CHECK_VALUE(scale_fits(spatial_scales[l], features[l].scalar_type()), "prroi_pool2d_levels: "
+                      "spatial_scales[", l, "] must be finite and > 0 in ", box_dtype_name(features[l].scalar_type()),
+                      ", got ", spatial_scales[l]);
     if (l > 0) {
       TORCH_CHECK_VALUE(features[l].size(0) == features[0].size(0) && features[l].size(1) == features[0].size(1),
                         "prroi_pool2d_levels: features[", l, "] of shape ", features[l].sizes(), " differs from "
@@ -186,6 +233,17 @@ int64_t cuda_version() {
 #endif
 }
 
+// The virtual architecture (e.g. 90 for compute_90) of the CUDA kernels as they run on `device`, or 0 for a CPU-only
+// build. Thread-block clusters are used only where it is 90 or more.
+int64_t cuda_kernel_arch(int64_t device) {
+#ifdef WITH_CUDA
+  return cuda::kernel_arch(static_cast<int>(device));
+#else
+  (void)device;
+  return 0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(prroi_d2, m) {
@@ -204,6 +262,7 @@ TORCH_LIBRARY(prroi_d2, m) {
       "int pooled_height, int pooled_width, float[] spatial_scales, bool aligned, bool features_requires_grad, "
       "bool rois_requires_grad) -> (Tensor[], Tensor)");
   m.def("_cuda_version() -> int", &cuda_version);
+  m.def("_cuda_kernel_arch(int device) -> int", &cuda_kernel_arch);
 }
 
 }  // namespace prroi_d2

@@ -1,5 +1,7 @@
-// Autocast of Precise RoI Pooling (both forms): computed in float32 (box coordinates need it), returned in the
-// features' dtype.
+// Autocast of Precise RoI Pooling (both forms). The kernels take float16/bfloat16 features as they are (summing in
+// float32) and box coordinates in float32, so the features are left alone and only the rois are cast: to float32
+// for float16/bfloat16 features, and by autocast's own rule otherwise (float16/bfloat16 rois to float32, float64
+// kept). The result has the features' dtype.
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
@@ -8,15 +10,21 @@
 namespace prroi_d2 {
 namespace {
 
+template <c10::DeviceType device_type>
+at::Tensor autocast_rois(const at::Tensor& rois, at::ScalarType features_dtype) {
+  if ((features_dtype == at::kHalf || features_dtype == at::kBFloat16) && at::isFloatingType(rois.scalar_type())) {
+    return rois.to(at::kFloat);
+  }
+  return at::autocast::cached_cast(at::kFloat, rois, device_type);
+}
+
 template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
 at::Tensor forward_autocast(
     const at::Tensor& features, const at::Tensor& rois, int64_t pooled_height, int64_t pooled_width,
     double spatial_scale, bool aligned) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
-  return prroi_pool2d(at::autocast::cached_cast(at::kFloat, features, device_type),
-                      at::autocast::cached_cast(at::kFloat, rois, device_type), pooled_height, pooled_width,
-                      spatial_scale, aligned)
-      .to(features.scalar_type());
+  return prroi_pool2d(features, autocast_rois<device_type>(rois, features.scalar_type()), pooled_height,
+                      pooled_width, spatial_scale, aligned);
 }
 
 template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
@@ -24,12 +32,9 @@ at::Tensor forward_levels_autocast(
     at::TensorList features, const at::Tensor& rois, const at::Tensor& levels, int64_t pooled_height,
     int64_t pooled_width, at::ArrayRef<double> spatial_scales, bool aligned) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
-  std::vector<at::Tensor> features32;
-  for (const at::Tensor& f : features) features32.push_back(at::autocast::cached_cast(at::kFloat, f, device_type));
   const auto dtype = features.empty() ? at::kFloat : features[0].scalar_type();
-  return prroi_pool2d_levels(features32, at::autocast::cached_cast(at::kFloat, rois, device_type), levels,
-                             pooled_height, pooled_width, spatial_scales, aligned)
-      .to(dtype);
+  return prroi_pool2d_levels(features, autocast_rois<device_type>(rois, dtype), levels, pooled_height, pooled_width,
+                             spatial_scales, aligned);
 }
 
 }  // namespace

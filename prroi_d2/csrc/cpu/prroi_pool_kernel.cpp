@@ -1,7 +1,9 @@
-// CPU kernels of Precise RoI Pooling (float32, float64), multithreaded with at::parallel_for.
+// CPU kernels of Precise RoI Pooling (float16, bfloat16, float32, float64), multithreaded with at::parallel_for.
 //
 // Per box, the bin weights of each axis are computed once (AxisWeights) and every channel reuses them; the
-// separable weights make each bin a weighted sum over the pixels it touches, clamped to the map.
+// separable weights make each bin a weighted sum over the pixels it touches, clamped to the map. Sums, boxes and
+// gradient buffers are in acc_t (float32 for float16/bfloat16 features, as on CUDA); boxes arrive in acc_t (the
+// caller converts them once) and gradients are cast to the inputs' dtypes at the end.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,7 +23,8 @@ namespace {
 // at the bin's two edges (the derivatives of the area weights with respect to the edges).
 template <typename T>
 struct AxisWeights {
-  std::vector<int> first, count, offset;
+  std::vector<int> first, count;
+  std::vector<int64_t> offset;  // the bins' pixels together may exceed 2^31 (up to width + 2 x bins)
   std::vector<T> area, at_lo, at_hi;
 
   void build(T start, T bin, int bins, int size, bool with_edges) {
@@ -38,7 +41,7 @@ struct AxisWeights {
       pixel_range(lo, hi, size, &f, &l);
       first[b] = f;
       count[b] = l >= f ? l - f + 1 : 0;
-      offset[b] = static_cast<int>(area.size());
+      offset[b] = static_cast<int64_t>(area.size());
       for (int p = f; p <= l; ++p) {
         area.push_back(cell_weight(lo, hi, p));
         if (with_edges) {
@@ -58,7 +61,7 @@ void forward_impl(
   const int N = features.size(0), H = features.size(2), W = features.size(3);
   const int64_t C = features.size(1), K = rois.size(0);
   const scalar_t* fdata = features.const_data_ptr<scalar_t>();
-  const scalar_t* rdata = rois.const_data_ptr<scalar_t>();
+  const acc_t* rdata = rois.const_data_ptr<acc_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
 
@@ -78,7 +81,7 @@ void forward_impl(
         }
         current_roi = k;
       }
-      scalar_t* o = out + kc * ph_n * pw_n;
+      scalar_t* o = out + kc * (int64_t(ph_n) * pw_n);
       if (!g.valid || !(g.area > 0)) {
         for (int b = 0; b < ph_n * pw_n; ++b) o[b] = g.valid ? scalar_t(0) : scalar_t(nan);
         continue;
@@ -101,7 +104,7 @@ void forward_impl(
   });
 }
 
-// Scatters grad_output into grad_features. Parallel over channels, boxes in order: deterministic.
+// Scatters grad_output into grad_features (zeroed, acc_t). Parallel over channels, boxes in order: deterministic.
 template <typename scalar_t>
 void features_backward_impl(
     const at::Tensor& grad, const at::Tensor& rois, int ph_n, int pw_n, double spatial_scale, bool aligned,
@@ -110,8 +113,8 @@ void features_backward_impl(
   const int N = grad_features.size(0), H = grad_features.size(2), W = grad_features.size(3);
   const int64_t C = grad_features.size(1), K = rois.size(0);
   const scalar_t* gdata = grad.const_data_ptr<scalar_t>();
-  const scalar_t* rdata = rois.const_data_ptr<scalar_t>();
-  scalar_t* gf = grad_features.mutable_data_ptr<scalar_t>();
+  const acc_t* rdata = rois.const_data_ptr<acc_t>();
+  acc_t* gf = grad_features.mutable_data_ptr<acc_t>();
 
   at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
     AxisWeights<acc_t> ax, ay;
@@ -124,15 +127,15 @@ void features_backward_impl(
       ay.build(g.y0, g.bin_h, ph_n, H, false);
       for (int64_t c = c_begin; c < c_end; ++c) {
         const scalar_t* go = gdata + (k * C + c) * ph_n * pw_n;
-        scalar_t* plane = gf + (g.batch * C + c) * H * W;
+        acc_t* plane = gf + (g.batch * C + c) * H * W;
         for (int ph = 0; ph < ph_n; ++ph) {
           for (int pw = 0; pw < pw_n; ++pw) {
             const acc_t scale = acc_t(go[ph * pw_n + pw]) / g.area;
             const acc_t* wx = ax.area.data() + ax.offset[pw];
             for (int r = 0; r < ay.count[ph]; ++r) {
               const acc_t wy = scale * ay.area[ay.offset[ph] + r];
-              scalar_t* row = plane + int64_t(ay.first[ph] + r) * W + ax.first[pw];
-              for (int q = 0; q < ax.count[pw]; ++q) row[q] = scalar_t(acc_t(row[q]) + wy * wx[q]);
+              acc_t* row = plane + int64_t(ay.first[ph] + r) * W + ax.first[pw];
+              for (int q = 0; q < ax.count[pw]; ++q) row[q] += wy * wx[q];
             }
           }
         }
@@ -141,7 +144,7 @@ void features_backward_impl(
   });
 }
 
-// Gradient of the loss with respect to the four box coordinates, one box per task.
+// Gradient of the loss with respect to the four box coordinates (acc_t), one box per task.
 template <typename scalar_t>
 void rois_backward_impl(
     const at::Tensor& grad, const at::Tensor& features, const at::Tensor& rois, int ph_n, int pw_n,
@@ -151,8 +154,8 @@ void rois_backward_impl(
   const int64_t C = features.size(1), K = rois.size(0);
   const scalar_t* gdata = grad.const_data_ptr<scalar_t>();
   const scalar_t* fdata = features.const_data_ptr<scalar_t>();
-  const scalar_t* rdata = rois.const_data_ptr<scalar_t>();
-  scalar_t* gr = grad_rois.mutable_data_ptr<scalar_t>();
+  const acc_t* rdata = rois.const_data_ptr<acc_t>();
+  acc_t* gr = grad_rois.mutable_data_ptr<acc_t>();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
 
   at::parallel_for(0, K, 1, [&](int64_t k_begin, int64_t k_end) {
@@ -161,10 +164,10 @@ void rois_backward_impl(
       acc_t roi[5];
       for (int t = 0; t < 5; ++t) roi[t] = rdata[k * 5 + t];
       const RoiGeometry<acc_t> g = decode_roi<acc_t>(roi, spatial_scale, aligned, ph_n, pw_n, N);
-      scalar_t* out = gr + k * 5;
-      out[0] = scalar_t(0);
+      acc_t* out = gr + k * 5;
+      out[0] = acc_t(0);
       if (!g.valid || !(g.area > 0)) {
-        for (int t = 1; t < 5; ++t) out[t] = g.valid ? scalar_t(0) : scalar_t(nan);
+        for (int t = 1; t < 5; ++t) out[t] = g.valid ? acc_t(0) : nan;
         continue;
       }
       ax.build(g.x0, g.bin_w, pw_n, W, true);
@@ -201,15 +204,9 @@ void rois_backward_impl(
         }
       }
       const acc_t s = acc_t(spatial_scale);
-      for (int t = 0; t < 4; ++t) out[t + 1] = scalar_t(d[t] * s);
+      for (int t = 0; t < 4; ++t) out[t + 1] = d[t] * s;
     }
   });
-}
-
-void check_cpu_dtype(const at::Tensor& features) {
-  TORCH_CHECK_TYPE(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
-                   "prroi_pool2d: the CPU kernels take float32 or float64 features, got ", features.scalar_type(),
-                   " (float16 and bfloat16 run on CUDA; on the CPU use autocast or cast to float32)");
 }
 
 // Raises on a batch index that is not an integer in [0, N): the CPU path checks, the CUDA path cannot without a sync.
@@ -230,13 +227,12 @@ at::Tensor forward_cpu(
     const at::Tensor& features, const at::Tensor& rois, int64_t pooled_height, int64_t pooled_width,
     double spatial_scale, bool aligned) {
   detail::check_forward_args(features, rois, pooled_height, pooled_width, spatial_scale);
-  check_cpu_dtype(features);
   check_batch_indices(rois, features.size(0));
-  const at::Tensor f = features.contiguous();
-  const at::Tensor r = rois.contiguous();
   at::Tensor output = at::empty({rois.size(0), features.size(1), pooled_height, pooled_width}, features.options());
   if (output.numel() == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "prroi_pool2d_forward_cpu", [&] {
+  const at::Tensor f = features.contiguous();
+  const at::Tensor r = rois.to(box_dtype(features.scalar_type())).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "prroi_pool2d_forward_cpu", [&] {
     forward_impl<scalar_t>(f, r, pooled_height, pooled_width, spatial_scale, aligned, output);
   });
   return output;
@@ -246,15 +242,17 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& features, const at::Tensor& rois, int64_t pooled_height,
     int64_t pooled_width, double spatial_scale, bool aligned, bool features_requires_grad, bool rois_requires_grad) {
   detail::check_backward_args(grad_output, features, rois, pooled_height, pooled_width, spatial_scale);
-  check_cpu_dtype(features);
   check_batch_indices(rois, features.size(0));
+  const at::ScalarType acc_dtype = box_dtype(features.scalar_type());
   const at::Tensor g = grad_output.contiguous();
-  const at::Tensor r = rois.contiguous();
-  at::Tensor grad_features = features_requires_grad ? at::zeros_like(features, at::MemoryFormat::Contiguous)
-                                                    : at::empty({0}, features.options());
-  at::Tensor grad_rois = rois_requires_grad ? at::empty({rois.size(0), 5}, rois.options())
+  const at::Tensor r = rois.to(acc_dtype).contiguous();
+  // Gradients are summed in acc_t buffers (the features' own for float32/float64) and cast to the inputs' dtypes.
+  at::Tensor grad_features = features_requires_grad
+      ? at::zeros(features.sizes(), features.options().dtype(acc_dtype))
+      : at::empty({0}, features.options());
+  at::Tensor grad_rois = rois_requires_grad ? at::empty({rois.size(0), 5}, rois.options().dtype(acc_dtype))
                                             : at::empty({0}, rois.options());
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "prroi_pool2d_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "prroi_pool2d_backward_cpu", [&] {
     if (features_requires_grad && g.numel() > 0) {
       features_backward_impl<scalar_t>(g, r, pooled_height, pooled_width, spatial_scale, aligned, grad_features);
     }
@@ -267,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
       }
     }
   });
-  return {grad_features, grad_rois};
+  return {grad_features.to(features.scalar_type()), grad_rois.to(rois.scalar_type())};
 }
 
 }  // namespace

@@ -43,7 +43,7 @@ struct KeptBoxes {
 // The gradient of one level's map: boxes on other levels (levels[k] != level) are skipped.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTileThreads) features_backward_kernel(
-    const scalar_t* __restrict__ grad, GradStrides gs, const scalar_t* __restrict__ rois,
+    const scalar_t* __restrict__ grad, GradStrides gs, const at::opmath_type<scalar_t>* __restrict__ rois,
     const int64_t* __restrict__ levels, int level, int64_t K, int C, int H, int W, int N, int ph_n, int pw_n,
     at::opmath_type<scalar_t> scale, bool aligned, scalar_t* __restrict__ grad_features) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -156,7 +156,7 @@ void launch_features_backward(
         at::kHalf, at::kBFloat16, out.scalar_type(), "prroi_pool2d_features_backward", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           features_backward_kernel<scalar_t><<<grid, kTileThreads, 0, stream>>>(
-              grad_output.const_data_ptr<scalar_t>(), gs, rois.const_data_ptr<scalar_t>(),
+              grad_output.const_data_ptr<scalar_t>(), gs, rois.const_data_ptr<acc_t>(),
               levels.defined() ? levels.const_data_ptr<int64_t>() : nullptr, static_cast<int>(l), K, C, H, W, N,
               ph_n, pw_n, acc_t(scales[l]), aligned, out.mutable_data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -158,10 +158,11 @@ __device__ void pool_looped(
 template <typename scalar_t>
 constexpr int kForwardMinBlocks = sizeof(scalar_t) == 2 ? 4 : 1;
 
-// kPairs: float16/bfloat16 maps, every width even and every base address 4-byte aligned (pool_pairs).
+// kPairs: float16/bfloat16 maps, every width even and every base address 4-byte aligned (pool_pairs). Boxes come
+// in acc_t (float32 also for float16/bfloat16 maps).
 template <typename scalar_t, typename index_t, bool kLevels, bool kPairs>
 __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<scalar_t>) forward_kernel(
-    LevelTable<scalar_t> table, const int64_t* __restrict__ levels, const scalar_t* __restrict__ rois,
+    LevelTable<scalar_t> table, const int64_t* __restrict__ levels, const at::opmath_type<scalar_t>* __restrict__ rois,
     index_t total, int N, int C, int ph_n, int pw_n, bool aligned, scalar_t* __restrict__ output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int bins = ph_n * pw_n;
@@ -237,8 +238,9 @@ void launch_forward(
                                          : forward_kernel<scalar_t, index_t, false, true>;
         }
       }
-      kernel<<<blocks, kThreads, 0, stream>>>(table, level_data, rois.const_data_ptr<scalar_t>(), index_t(total), N,
-                                              C, ph_n, pw_n, aligned, output.mutable_data_ptr<scalar_t>());
+      kernel<<<blocks, kThreads, 0, stream>>>(table, level_data, rois.const_data_ptr<at::opmath_type<scalar_t>>(),
+                                              index_t(total), N, C, ph_n, pw_n, aligned,
+                                              output.mutable_data_ptr<scalar_t>());
     };
     if (total + blocks * kThreads <= std::numeric_limits<int32_t>::max()) {  // the grid-stride index fits too
       launch(int32_t(0));

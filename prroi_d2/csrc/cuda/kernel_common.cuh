@@ -20,7 +20,7 @@ constexpr int kThreads = 256;
 constexpr int kChannelsPerThread = 8;
 
 __host__ __device__ constexpr int channel_groups(int channels) {
-  return (channels + kChannelsPerThread - 1) / kChannelsPerThread;
+  return channels / kChannelsPerThread + (channels % kChannelsPerThread != 0);
 }
 
 // The feature maps a launch reads: one per pyramid level (a single entry for prroi_pool2d). Passed by value.
@@ -53,13 +53,13 @@ struct Box {
   acc_t scale;
 };
 
-// Row k of rois (K, 5) decoded for a map of the given scale.
-template <typename acc_t, typename scalar_t>
+// Row k of rois (K, 5), held in acc_t (box_dtype), decoded for a map of the given scale.
+template <typename acc_t>
 __device__ __forceinline__ RoiGeometry<acc_t> load_roi(
-    const scalar_t* __restrict__ rois, int64_t k, acc_t scale, bool aligned, int ph_n, int pw_n, int batch_size) {
+    const acc_t* __restrict__ rois, int64_t k, acc_t scale, bool aligned, int ph_n, int pw_n, int batch_size) {
   acc_t roi[5];
 #pragma unroll
-  for (int t = 0; t < 5; ++t) roi[t] = static_cast<acc_t>(rois[k * 5 + t]);
+  for (int t = 0; t < 5; ++t) roi[t] = rois[k * 5 + t];
   return decode_roi<acc_t>(roi, scale, aligned, ph_n, pw_n, batch_size);
 }
 
@@ -68,7 +68,7 @@ __device__ __forceinline__ RoiGeometry<acc_t> load_roi(
 // would cost registers and local memory).
 template <bool kLevels, typename acc_t, typename scalar_t>
 __device__ __forceinline__ Box<acc_t, scalar_t> load_box(
-    const LevelTable<scalar_t>& table, const int64_t* __restrict__ levels, const scalar_t* __restrict__ rois,
+    const LevelTable<scalar_t>& table, const int64_t* __restrict__ levels, const acc_t* __restrict__ rois,
     int64_t k, bool aligned, int ph_n, int pw_n, int N, int C) {
   Box<acc_t, scalar_t> box;
   const scalar_t* data = table.data[0];

@@ -4,6 +4,10 @@
 //
 // A box with a non-finite coordinate, a batch index outside [0, N) or a level outside [0, len(features)) reads
 // nothing and pools to NaN (checking indices on the host would need a synchronisation).
+//
+// The kernels take boxes in box_dtype (float32, or float64 for float64 features): rois of another dtype (float32
+// boxes come as they are with float16/bfloat16 features) are converted once here, and the coordinate gradient,
+// summed in box_dtype, is cast back to the rois' dtype.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -27,8 +31,8 @@ at::Tensor forward_levels_impl(
   c10::cuda::CUDAGuard device_guard(features[0].device());
   at::Tensor output =
       at::empty({rois.size(0), features[0].size(1), pooled_height, pooled_width}, features[0].options());
-  cuda::launch_forward(contiguous_all(features), rois.contiguous(), levels.defined() ? levels.contiguous() : levels,
-                       spatial_scales, aligned, output);
+  cuda::launch_forward(contiguous_all(features), rois.to(box_dtype(features[0].scalar_type())).contiguous(),
+                       levels.defined() ? levels.contiguous() : levels, spatial_scales, aligned, output);
   return output;
 }
 
@@ -36,7 +40,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_levels_impl(
     const at::Tensor& grad_output, at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
     at::ArrayRef<double> spatial_scales, bool aligned, bool features_requires_grad, bool rois_requires_grad) {
   c10::cuda::CUDAGuard device_guard(features[0].device());
-  const at::Tensor r = rois.contiguous();
+  const at::ScalarType acc_dtype = box_dtype(features[0].scalar_type());
+  const at::Tensor r = rois.to(acc_dtype).contiguous();
   const at::Tensor lv = levels.defined() ? levels.contiguous() : levels;
   std::vector<at::Tensor> grad_features;
   for (const at::Tensor& f : features) {
@@ -49,9 +54,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_levels_impl(
     cuda::launch_features_backward(grad_output, r, lv, spatial_scales, aligned, grad_features);
   }
   if (rois_requires_grad) {
-    grad_rois = at::empty({rois.size(0), 5}, rois.options());
+    grad_rois = at::empty({rois.size(0), 5}, rois.options().dtype(acc_dtype));
     cuda::launch_rois_backward(grad_output, contiguous_all(features), r, lv, spatial_scales, aligned,
                                at::globalContext().deterministicAlgorithms(), grad_rois);
+    grad_rois = grad_rois.to(rois.scalar_type());
   }
   return {grad_features, grad_rois};
 }

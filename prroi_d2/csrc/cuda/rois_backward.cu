@@ -6,16 +6,22 @@
 // from the bin to the box. The threads of a block sum in a fixed order.
 //
 // A box's (channel group, bin) pairs are cut into `parts` blocks (enough blocks to fill the GPU). By default the
-// blocks add their shares into a zeroed gradient with atomics. Under torch.use_deterministic_algorithms, and for
-// float16/bfloat16 (whose sums should be rounded once), the blocks of a box form a thread-block cluster on Hopper and
-// later: each block sums its share, and the cluster's first block adds the shares in rank order from distributed
-// shared memory and writes the gradient (deterministic, no workspace, no zero fill); older GPUs then use one block
-// per box.
+// blocks add their shares into a zeroed gradient with atomics (the gradient is float32 or float64, box_dtype, for
+// every features dtype). Under torch.use_deterministic_algorithms the blocks of a box form a thread-block cluster
+// where the kernels were compiled for sm_90 or later (kernel_arch, not the GPU's own architecture: a build for an
+// older one compiles the cluster code to a trap): each block sums its share, and the cluster's first block adds the
+// shares in rank order from distributed shared memory and writes the gradient (deterministic, no workspace, no zero
+// fill); other builds use one block per box.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
+
+#include <mutex>
+#include <vector>
 
 #include "kernel_common.cuh"
 #include "launchers.h"
@@ -143,12 +149,11 @@ __device__ __forceinline__ void block_sum4(acc_t (&d)[4], acc_t (&partial)[4][kT
 // `parts` blocks per box: block b takes box (task / parts) and part (task % parts) for task = b, b + gridDim.x, ...;
 // gridDim.x is a multiple of parts, so a cluster's blocks always share a box. Part p takes the box's items
 // [p * per_part, (p + 1) * per_part).
-template <typename scalar_t, Combine combine, bool kLevels>
+template <typename scalar_t, Combine combine, bool kLevels, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
     const scalar_t* __restrict__ grad, GradStrides gs, LevelTable<scalar_t> table, const int64_t* __restrict__ levels,
-    const scalar_t* __restrict__ rois, int64_t K, int N, int C, int ph_n, int pw_n, bool aligned, int parts,
-    int per_part, scalar_t* __restrict__ grad_rois) {
-  using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* __restrict__ rois, int64_t K, int N, int C, int ph_n, int pw_n, bool aligned, int parts,
+    int per_part, acc_t* __restrict__ grad_rois) {
   __shared__ acc_t partial[4][kThreads / 32];
   __shared__ acc_t block_total[4];  // this block's share, read by the cluster's first block
   const int bins = ph_n * pw_n;
@@ -161,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
     const RoiGeometry<acc_t>& g = box.g;
     if (!g.valid || !(g.area > acc_t(0))) {  // the same for every block of the box
       if (part == 0 && t < 5) {
-        grad_rois[k * 5 + t] = static_cast<scalar_t>(t == 0 || g.valid ? acc_t(0) : quiet_nan<acc_t>());
+        grad_rois[k * 5 + t] = t == 0 || g.valid ? acc_t(0) : quiet_nan<acc_t>();
       }
       continue;
     }
@@ -203,30 +208,46 @@ __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
 #pragma unroll
           for (int q = 0; q < 4; ++q) total[q] += share[q];
         }
-        grad_rois[k * 5] = scalar_t(0);
+        grad_rois[k * 5] = acc_t(0);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) grad_rois[k * 5 + 1 + q] = static_cast<scalar_t>(total[q] * box.scale);
+        for (int q = 0; q < 4; ++q) grad_rois[k * 5 + 1 + q] = total[q] * box.scale;
       }
       cluster.sync();  // the shares have been read before the next box overwrites them
 #else
-      __trap();  // the host launches clusters only on sm_90 and later
+      __trap();  // the host launches clusters only where kernel_arch() >= 90
 #endif
     } else if (t == 0) {
       if constexpr (combine == Combine::kWrite) {
-        grad_rois[k * 5] = scalar_t(0);
+        grad_rois[k * 5] = acc_t(0);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) grad_rois[k * 5 + 1 + q] = static_cast<scalar_t>(d[q] * box.scale);
+        for (int q = 0; q < 4; ++q) grad_rois[k * 5 + 1 + q] = d[q] * box.scale;
       } else {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          gpuAtomicAdd(grad_rois + k * 5 + 1 + q, static_cast<scalar_t>(d[q] * box.scale));
-        }
+        for (int q = 0; q < 4; ++q) gpuAtomicAdd(grad_rois + k * 5 + 1 + q, d[q] * box.scale);
       }
     }
   }
 }
 
 }  // namespace
+
+int kernel_arch(int device) {
+  // Every kernel of the extension comes from the same nvcc invocation options, so the driver picks the same kind
+  // of image (SASS of an architecture, or PTX of one, JIT-compiled) for all of them: one kernel answers for all.
+  TORCH_CHECK_VALUE(device >= 0 && device < at::cuda::device_count(), "prroi_d2: no CUDA device ", device);
+  static std::mutex mutex;
+  static std::vector<int> arch_of_device;  // 0: not queried yet
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device >= static_cast<int>(arch_of_device.size())) arch_of_device.resize(device + 1, 0);
+  if (arch_of_device[device] == 0) {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(
+        &attributes, reinterpret_cast<const void*>(&rois_backward_kernel<float, Combine::kCluster, false>)));
+    arch_of_device[device] = attributes.ptxVersion;
+  }
+  return arch_of_device[device];
+}
 
 void launch_rois_backward(
     const at::Tensor& grad_output, at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
@@ -242,9 +263,11 @@ void launch_rois_backward(
   const int64_t items = channel_groups(C) * int64_t(ph_n) * pw_n;
   TORCH_CHECK_VALUE(items <= std::numeric_limits<int32_t>::max(), "prroi_pool2d: channels x pooled_height x "
                     "pooled_width is too large for the CUDA coordinate gradient, got ", grad_output.sizes());
-  // Atomics when allowed (the fastest: a block never waits for another), clusters where determinism is asked for.
-  const bool atomics = !deterministic && (rois.scalar_type() == at::kFloat || rois.scalar_type() == at::kDouble);
-  const bool clusters = !atomics && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  // Atomics when allowed (the fastest: a block never waits for another), clusters where determinism is asked for
+  // and the kernels were compiled for them (the cluster kernel of an older build is a trap).
+  const bool atomics = !deterministic;
+  const bool clusters = !atomics && at::cuda::getCurrentDeviceProperties()->major >= 9 &&
+      kernel_arch(grad_rois.get_device()) >= 90;
   // Enough blocks per box to fill the GPU, each taking whole rounds of kThreads items (one per thread) but the
   // last: a part of one round and a few items would hold its block for a second, almost idle round.
   int64_t per_part = items;
@@ -264,11 +287,13 @@ void launch_rois_backward(
   const int64_t blocks = std::max<int64_t>(1, grid_blocks(K * parts) / parts) * parts;  // whole clusters
   const GradStrides gs{grad_output.stride(0), grad_output.stride(1), grad_output.stride(2), grad_output.stride(3)};
   const int64_t* level_data = levels.defined() ? levels.const_data_ptr<int64_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "prroi_pool2d_rois_backward", [&] {
+  const at::ScalarType dtype = features[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "prroi_pool2d_rois_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const LevelTable<scalar_t> table = make_level_table<scalar_t>(features, scales);
     const scalar_t* grad = grad_output.const_data_ptr<scalar_t>();
-    const scalar_t* boxes = rois.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_rois.mutable_data_ptr<scalar_t>();
+    const acc_t* boxes = rois.const_data_ptr<acc_t>();
+    acc_t* out = grad_rois.mutable_data_ptr<acc_t>();
     auto launch = [&](auto kernel) {
       if (combine == Combine::kCluster) {
         cudaLaunchConfig_t config = {};
