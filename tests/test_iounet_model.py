@@ -19,7 +19,8 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from prroi_d2 import add_iounet_config
-from prroi_d2.modeling import IoUNetRCNN, IoUNetROIHeads, PrRoIPooler, pool_rois, sample_jittered_boxes
+from prroi_d2.modeling import IoUNetRCNN, IoUNetROIHeads, pool_rois, sample_jittered_boxes
+from prroi_d2.modeling import poolers as prroi_poolers  # its classes by attribute: test_poolers reloads it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -92,7 +93,8 @@ def test_iounet_r50_config_trains_and_infers(device):
     cfg.SOLVER.BASE_LR = 1e-5  # a randomly initialised R50 without normalisation diverges at larger rates
     model = build_model(cfg)
     assert isinstance(model, IoUNetRCNN) and isinstance(model.roi_heads, IoUNetROIHeads)
-    assert isinstance(model.roi_heads.iou_pooler, PrRoIPooler) and isinstance(model.roi_heads.box_pooler, PrRoIPooler)
+    assert isinstance(model.roi_heads.iou_pooler, prroi_poolers.PrRoIPooler)
+    assert isinstance(model.roi_heads.box_pooler, prroi_poolers.PrRoIPooler)
     history = _train_steps(model, cfg, _batch(device=device), 2)
     assert {"loss_cls", "loss_box_reg", "loss_iou", "loss_rpn_cls", "loss_rpn_loc"} <= set(history[0])
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
@@ -184,14 +186,17 @@ def test_baseline_stage_equals_stock_standard_roi_heads():
 def test_one_launch_pooler_equals_detectron2_level_loop(device):
     scales = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
     pooler = ROIPooler(5, scales, 0, "PrRoIPoolV2")
-    assert isinstance(pooler, PrRoIPooler)
+    assert isinstance(pooler, prroi_poolers.PrRoIPooler)
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(2, 3, int(256 * s), int(256 * s), generator=g, dtype=torch.float64) for s in scales]
     size = 4 * 60 ** torch.rand(2, 30, 2, generator=g, dtype=torch.float64)  # 4 to 240 px: levels P2 to P4
     xy = torch.rand(2, 30, 2, generator=g, dtype=torch.float64) * (256 - size)
     boxes = torch.cat([xy, xy + size], dim=2)
     results = []
-    for forward in (PrRoIPooler.forward, ROIPooler.forward):  # ours, then Detectron2's own loop over levels
+    for forward in (
+        prroi_poolers.PrRoIPooler.forward,
+        ROIPooler.forward,
+    ):  # ours, then Detectron2's own loop over levels
         f = [t.to(device).requires_grad_(True) for t in feats]
         b = [Boxes(x.to(device).requires_grad_(True)) for x in boxes]
         out = forward(pooler, f, b)

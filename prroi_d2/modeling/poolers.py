@@ -161,34 +161,37 @@ class LevelPrRoIPool(PrRoIPool):
     features.
 
     Detectron2's ``Boxes`` are always float32 while features may be float64, float16 or bfloat16. Detectron2's
-    ``ROIAlign`` casts the rois to the features' dtype; here both are cast to the wider of the two dtypes instead (so
-    box coordinates never lose precision, which the IoU-Net box refinement needs) and the result is returned in the
-    features' dtype.
+    ``ROIAlign`` casts the rois to the features' dtype; here the features keep their dtype and the boxes go in as
+    float32 (float64 with float64 features), so coordinates never lose precision, which the IoU-Net box refinement
+    needs; the result has the features' dtype.
     """
 
     def forward(self, features: Tensor, rois: Tensor) -> Tensor:
-        dtype = torch.promote_types(features.dtype, rois.dtype)
-        out = prroi_pool2d(
-            features.to(dtype),
-            rois.to(dtype),
+        return prroi_pool2d(
+            features,
+            rois.to(roi_dtype(features.dtype, rois.dtype)),
             self.pooled_height,
             self.pooled_width,
             self.spatial_scale,
             self.aligned,
         )
-        return out.to(features.dtype)
 
 
 def pool_levels(
     x: List[Tensor], rois: Tensor, levels: Tensor, output_size: Tuple[int, int], scales: List[float], aligned: bool
 ) -> Tensor:
     """Pool rois (K, 5) from the maps ``x`` (each (N, C, H_l, W_l)) at ``levels`` (K,) in one launch -> (K, C, h, w)
-    in the features' dtype; box coordinates are never rounded to a narrower dtype than their own."""
-    dtype = torch.promote_types(x[0].dtype, rois.dtype)
-    out = torch.ops.prroi_d2.prroi_pool2d_levels(
-        [f.to(dtype) for f in x], rois.to(dtype), levels, output_size[0], output_size[1], scales, aligned
-    )
-    return out.to(x[0].dtype)
+    in the features' dtype. Features are pooled in their own dtype (no float32 copy of half maps under AMP)."""
+    rois = rois.to(roi_dtype(x[0].dtype, rois.dtype))
+    return torch.ops.prroi_d2.prroi_pool2d_levels(x, rois, levels, output_size[0], output_size[1], scales, aligned)
+
+
+def roi_dtype(features_dtype: torch.dtype, rois_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the op takes box coordinates in: float64 with float64 maps (and float64 boxes with float32 maps),
+    float32 otherwise. Detectron2's float32 ``Boxes`` are never rounded to float16/bfloat16 with half features."""
+    if features_dtype == torch.float64 or (features_dtype == torch.float32 and rois_dtype == torch.float64):
+        return torch.float64
+    return torch.float32
 
 
 class PrRoIPooler(ROIPooler):

@@ -11,10 +11,11 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import Tensor
 
 from prroi_d2.functional import assign_fpn_levels
+from prroi_d2.modeling import poolers
 from prroi_d2.modeling.box_jitter import sample_jittered_boxes
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms
 from prroi_d2.modeling.iou_head import build_iou_head
-from prroi_d2.modeling.poolers import PrRoIPooler, pool_levels, pool_rois
+from prroi_d2.modeling.poolers import pool_levels, pool_rois
 from prroi_d2.modeling.refinement import refine_boxes
 
 __all__ = ["IoUNetROIHeads", "STAGES"]
@@ -66,7 +67,7 @@ class IoUNetROIHeads(StandardROIHeads):
             raise ValueError(f"MODEL.IOU_NET.NMS.RANK must be one of {NMS_RANKS}, got {iou_nms_rank!r}")
         if score_mode not in SCORE_MODES:
             raise ValueError(f"MODEL.IOU_NET.SCORE must be one of {SCORE_MODES}, got {score_mode!r}")
-        if refine_enabled and not isinstance(iou_pooler, PrRoIPooler):
+        if refine_enabled and not isinstance(iou_pooler, poolers.PrRoIPooler):
             raise ValueError(
                 "MODEL.IOU_NET.REFINE needs a Precise RoI Pooling IoU pooler (MODEL.IOU_NET.POOLER_TYPE PrRoIPool or "
                 "PrRoIPoolV2): other poolers have no gradient with respect to the box coordinates"
