@@ -15,6 +15,7 @@ coco_instances_results_<stage>.json, ap_vs_iou.png, iou_histogram.png and refine
 Without CUDA, training runs on the CPU; --num-gpus N then starts N CPU processes (gloo).
 """
 
+import importlib.util
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter  # noqa: E402
 
 from prroi_d2 import add_iounet_config  # noqa: E402
 from prroi_d2.data import register_synthetic_datasets  # noqa: E402
@@ -43,6 +45,26 @@ logger = logging.getLogger("prroi_d2.train_net")
 class Trainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` evaluating with :class:`~prroi_d2.evaluation.IoUNetEvaluator` (every
     IoU-Net stage) and, for Mask R-CNN configs, COCO mask AP too."""
+
+    def state_dict(self):
+        """Also the inner trainer's state (optimizer momentum, AMP grad scaler): Detectron2 v0.6's DefaultTrainer
+        leaves it out of checkpoints, so ``--resume`` would restart the optimizer from scratch (later versions save
+        it under the same key)."""
+        ret = super().state_dict()
+        ret.setdefault("_trainer", self._trainer.state_dict())
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def build_writers(self):
+        """Detectron2's writers; without the ``tensorboard`` package, the console and metrics.json ones only."""
+        if importlib.util.find_spec("tensorboard") is not None:
+            return super().build_writers()
+        logger.warning("tensorboard is not installed: no TensorBoard event files are written")
+        return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -80,23 +102,24 @@ def register_datasets(names, coco_format=()):
 
 
 def missing_data_message(names):
-    """A message naming what is missing for a COCO-format dataset of ``names``, or None if everything is there."""
-    for name in names:
-        if name not in DatasetCatalog.list():
-            return f"Dataset {name!r} is not registered (known: {', '.join(sorted(DatasetCatalog.list())[:12])}, ...)."
+    """One message naming everything missing for the COCO-format datasets ``names``, or None if all is there."""
+    unknown = [name for name in names if name not in DatasetCatalog.list()]
+    if unknown:
+        return f"Datasets not registered: {', '.join(unknown)} (register them, e.g. with --register NAME JSON DIR)."
+    missing = []
+    for name in dict.fromkeys(names):
         meta = MetadataCatalog.get(name)
-        paths = [p for p in (meta.get("json_file"), meta.get("image_root")) if p]
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            root = os.environ.get("DETECTRON2_DATASETS", "datasets")
-            return (
-                f"Dataset {name!r} not found: looked for {' and '.join(missing)}.\n"
-                f"COCO is expected in Detectron2's layout under $DETECTRON2_DATASETS (now {root!r}):\n"
-                "  coco/annotations/instances_{train,val}2017.json, coco/train2017/, coco/val2017/\n"
-                "Download COCO 2017 there, or run on the embedded synthetic dataset instead:\n"
-                f"  python tools/train_net.py --config-file {SYNTHETIC_CONFIG}"
-            )
-    return None
+        missing += [p for p in (meta.get("json_file"), meta.get("image_root")) if p and not os.path.exists(p)]
+    if not missing:
+        return None
+    root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+    return (
+        f"Dataset files not found: {', '.join(missing)}.\n"
+        f"COCO is expected in Detectron2's layout under $DETECTRON2_DATASETS (now {root!r}):\n"
+        "  coco/annotations/instances_{train,val}2017.json, coco/train2017/, coco/val2017/\n"
+        "Download COCO 2017 there, or run on the embedded synthetic dataset instead:\n"
+        f"  python tools/train_net.py --config-file {SYNTHETIC_CONFIG}"
+    )
 
 
 def report(cfg):
