@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["bin_edges", "decode_box", "reference_prroi_pool"]
+__all__ = ["bin_edges", "decode_box", "reference_box_iou", "reference_prroi_pool"]
 
 # 2-point Gauss-Legendre rule on [-1, 1]: exact for polynomials of degree <= 3.
 _GL_NODES = (-1.0 / math.sqrt(3.0), 1.0 / math.sqrt(3.0))
@@ -132,3 +132,12 @@ def reference_prroi_pool(
         area = len_y[:, None] * len_x[None, :]
         out[k] = torch.where(area > 0, integral / torch.where(area > 0, area, 1.0), 0.0)
     return out
+
+
+def reference_box_iou(a, b) -> float:
+    """IoU of two XYXY boxes (sequences of 4 floats), written out in float64; 0 when the union is empty."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

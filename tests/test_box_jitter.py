@@ -5,17 +5,9 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from reference import reference_box_iou
+
 from prroi_d2.modeling.box_jitter import box_iou, sample_jittered_boxes, sample_uniform_over_bins
-
-
-def _iou_loop(a, b):
-    """IoU of two XYXY boxes, float64, written out."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
 
 GT = torch.tensor(
     [[10.0, 20.0, 60.0, 90.0], [50.0, 30.0, 130.0, 70.0], [100.0, 80.0, 150.0, 118.0]], dtype=torch.float64
@@ -27,7 +19,7 @@ def test_box_iou_matches_loop():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(20, 4, generator=g, dtype=torch.float64) * 50
     a[:, 2:] += a[:, :2]
-    expected = torch.tensor([[_iou_loop(x.tolist(), y.tolist()) for y in GT] for x in a], dtype=torch.float64)
+    expected = torch.tensor([[reference_box_iou(x.tolist(), y.tolist()) for y in GT] for x in a], dtype=torch.float64)
     torch.testing.assert_close(box_iou(a, GT), expected)
 
 
@@ -41,7 +33,7 @@ def test_samples_are_valid_and_targets_are_max_overlap():
         (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
     )
     for box, iou, k in zip(boxes.tolist(), ious.tolist(), index.tolist()):
-        overlaps = [_iou_loop(box, gt) for gt in GT.tolist()]
+        overlaps = [reference_box_iou(box, gt) for gt in GT.tolist()]
         assert iou == pytest.approx(max(overlaps), abs=1e-9)
         assert overlaps[k] == pytest.approx(max(overlaps), abs=1e-9)
 

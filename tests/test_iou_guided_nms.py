@@ -5,15 +5,9 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from reference import reference_box_iou
+
 from prroi_d2.modeling import iou_guided_nms
-
-
-def _iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _reference(boxes, scores, ious, idxs, threshold):
@@ -24,7 +18,7 @@ def _reference(boxes, scores, ious, idxs, threshold):
         m = remaining.pop(0)
         s, rest = scores[m], []
         for j in remaining:
-            if idxs[j] == idxs[m] and _iou(boxes[m], boxes[j]) > threshold:
+            if idxs[j] == idxs[m] and reference_box_iou(boxes[m], boxes[j]) > threshold:
                 s = max(s, scores[j])
             else:
                 rest.append(j)
