@@ -1,6 +1,7 @@
 """Precise RoI Pooling as pooler types of Detectron2's ``ROIPooler``.
 
-Importing this module (``import prroi_d2`` does it when Detectron2 is installed) makes every ``ROIPooler`` accept
+Importing this module (``import prroi_d2`` does it as soon as ``detectron2.modeling`` is imported) makes every
+``ROIPooler`` accept
 
 * ``"PrRoIPool"``: Precise RoI Pooling in the original geometry (``aligned=False``, like ``"ROIAlign"``);
 * ``"PrRoIPoolV2"``: Precise RoI Pooling in the half-pixel geometry of ``"ROIAlignV2"`` (``aligned=True``).
@@ -15,8 +16,10 @@ carries the ``_prroi_d2_pooler_types`` registry and ``__wrapped__`` points at De
 registered type the wrapper runs Detectron2's ``__init__`` as if ``"ROIAlignV2"`` had been asked for (so scales,
 output size and levels are validated and set up by Detectron2 itself), then replaces ``level_poolers`` with one
 module per scale built by the registered factory. Any other type goes to Detectron2's ``__init__`` untouched, so the
-stock types behave as before and unknown names still raise Detectron2's ``ValueError``. ``ROIPooler.forward``
-(level assignment, box format, output order) is Detectron2's own.
+stock types behave as before and unknown names still raise Detectron2's ``ValueError``. For ``PrRoIPool`` and
+``PrRoIPoolV2`` the new instance becomes a :class:`PrRoIPooler` (a ``ROIPooler`` subclass) whose ``forward`` pools all
+levels in one launch, with Detectron2's level assignment, box format and output order; other registered types keep
+Detectron2's ``ROIPooler.forward``.
 
 Further pooler types are added with :func:`register_pooler_type`.
 """
