@@ -76,3 +76,14 @@ def test_uniform_sampler_quota_and_empty_bins():
     # Bin 1 is empty: its 3 slots stay empty; bins 0 and 2 fill 3 slots each from their own members.
     assert sorted(bins[chosen].tolist()) == [0, 0, 0, 2, 2, 2]
     assert set(chosen.tolist()) == {0, 1, 2, 3, 4, 7}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"gt_boxes": GT[:, :3]}, {"num_bins": 0}, {"min_iou": 1.0}, {"max_scale": 0.5}, {"candidates_per_sample": 0}],
+)
+def test_bad_arguments_raise(kwargs):
+    args = {"gt_boxes": GT, "image_size": IMAGE, "num_samples": 8}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match="sample_jittered_boxes"):
+        sample_jittered_boxes(**args)

@@ -84,3 +84,26 @@ def test_empty_input():
         torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5
     )
     assert keep.shape == (0,) and keep.dtype == torch.int64 and cluster_scores.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"boxes": torch.zeros(3, 5)}, ValueError, "boxes"),
+        ({"scores": torch.zeros(2)}, ValueError, "scores"),
+        ({"ious": torch.zeros(3, 1)}, ValueError, "ious"),
+        ({"idxs": torch.zeros(3)}, TypeError, "idxs"),
+        ({"iou_threshold": 1.5}, ValueError, "iou_threshold"),
+    ],
+)
+def test_bad_arguments_are_named(change, error, match):
+    args = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10]] * 3),
+        "scores": torch.ones(3),
+        "ious": torch.ones(3),
+        "idxs": torch.zeros(3, dtype=torch.int64),
+        "iou_threshold": 0.5,
+    }
+    args.update(change)
+    with pytest.raises(error, match=match):
+        iou_guided_nms(**args)

@@ -116,3 +116,20 @@ def test_clipped_to_the_image():
     start = torch.tensor([[2.0, 2.0, 30.0, 30.0]])
     refined, _, _ = refine_boxes(start, _iou_with(target), step=0.5, max_iter=5, clip_size=torch.tensor([[50, 40]]))
     assert (refined >= 0).all() and refined[0, 2] <= 40 and refined[0, 3] <= 50
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"boxes": torch.zeros(2, 5)}, "boxes"),
+        ({"step": float("nan")}, "step"),
+        ({"max_iter": -1}, "max_iter"),
+        ({"stop_drop": 0.1}, "stop_drop"),
+        ({"clip_size": torch.ones(3, 2)}, "clip_size"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    args = {"boxes": torch.tensor([[0.0, 0, 10, 10], [1, 1, 5, 5]]), "predict_iou": lambda b: b.sum(dim=1)}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        refine_boxes(**args)

@@ -95,6 +95,13 @@ def sample_jittered_boxes(
         boxes (M, 4), target IoU (M,) with the ground-truth box of maximum overlap, and the index (M,) int64 of that
         box in ``gt_boxes`` (its class is the target class).
     """
+    if gt_boxes.dim() != 2 or gt_boxes.size(1) != 4:
+        raise ValueError(f"sample_jittered_boxes: gt_boxes must be (G, 4), got shape {tuple(gt_boxes.shape)}")
+    if num_bins < 1 or not 0.0 <= min_iou < 1.0 or max_shift < 0 or max_scale < 1.0 or candidates_per_sample < 1:
+        raise ValueError(
+            "sample_jittered_boxes: need num_bins >= 1, 0 <= min_iou < 1, max_shift >= 0, max_scale >= 1, "
+            f"candidates_per_sample >= 1; got {num_bins}, {min_iou}, {max_shift}, {max_scale}, {candidates_per_sample}"
+        )
     device, dtype = gt_boxes.device, gt_boxes.dtype
     g = gt_boxes.size(0)
     if g == 0 or num_samples <= 0:

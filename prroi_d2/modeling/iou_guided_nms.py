@@ -35,6 +35,7 @@ def iou_guided_nms(
         keep: (M,) int64 indices into the inputs, in the order Algorithm 1 keeps them (decreasing predicted IoU).
         cluster_scores: (M,) the maximum score of each kept box's cluster.
     """
+    _check_inputs(boxes, scores, ious, idxs, iou_threshold)
     n = boxes.size(0)
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores.new_zeros((0,))
@@ -61,3 +62,18 @@ def iou_guided_nms(
     cluster_scores = scores.new_full((m + 1,), float("-inf"))
     cluster_scores = cluster_scores.scatter_reduce(0, cluster, scores, reduce="amax", include_self=True)
     return keep, cluster_scores[:m]
+
+
+def _check_inputs(boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float) -> None:
+    if boxes.dim() != 2 or boxes.size(1) != 4:
+        raise ValueError(f"iou_guided_nms: boxes must be (N, 4), got shape {tuple(boxes.shape)}")
+    n = boxes.size(0)
+    for name, t in (("scores", scores), ("ious", ious), ("idxs", idxs)):
+        if t.shape != (n,):
+            raise ValueError(f"iou_guided_nms: {name} must be (N,) = ({n},), got shape {tuple(t.shape)}")
+        if t.device != boxes.device:
+            raise ValueError(f"iou_guided_nms: {name} is on {t.device}, boxes on {boxes.device}")
+    if idxs.dtype.is_floating_point or idxs.dtype == torch.bool:
+        raise TypeError(f"iou_guided_nms: idxs must be an integer tensor, got {idxs.dtype}")
+    if not 0.0 <= float(iou_threshold) <= 1.0:
+        raise ValueError(f"iou_guided_nms: iou_threshold must be in [0, 1], got {iou_threshold}")

@@ -1,6 +1,7 @@
 """Optimisation-based box refinement (IoU-Net, Algorithm 2): gradient ascent on the predicted IoU of each box with
 respect to its coordinates, through Precise RoI Pooling."""
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -40,6 +41,15 @@ def refine_boxes(
     Returns:
         refined boxes (K, 4), their predicted IoU (K,), and the predicted IoU of the input boxes (K,).
     """
+    if boxes.dim() != 2 or boxes.size(1) != 4:
+        raise ValueError(f"refine_boxes: boxes must be (K, 4), got shape {tuple(boxes.shape)}")
+    if not math.isfinite(step) or max_iter < 0 or stop_delta < 0 or not stop_drop <= 0:
+        raise ValueError(
+            "refine_boxes: need a finite step, max_iter >= 0, stop_delta >= 0 and stop_drop <= 0; got "
+            f"step={step}, max_iter={max_iter}, stop_delta={stop_delta}, stop_drop={stop_drop}"
+        )
+    if clip_size is not None and clip_size.shape != (boxes.size(0), 2):
+        raise ValueError(f"refine_boxes: clip_size must be (K, 2) = ({boxes.size(0)}, 2), got {tuple(clip_size.shape)}")
     with torch.inference_mode(False), torch.enable_grad():
         current = boxes.detach().clone()
         limits = None if clip_size is None else clip_size.to(current).flip(1).repeat(1, 2)  # (K, 4): w, h, w, h
