@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["bin_edges", "decode_box", "reference_box_iou", "reference_prroi_pool"]
+__all__ = ["bin_edges", "decode_box", "forward_backward", "reference_box_iou", "reference_prroi_pool"]
 
 # 2-point Gauss-Legendre rule on [-1, 1]: exact for polynomials of degree <= 3.
 _GL_NODES = (-1.0 / math.sqrt(3.0), 1.0 / math.sqrt(3.0))
@@ -141,3 +141,12 @@ def reference_box_iou(a, b) -> float:
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def forward_backward(fn, features: Tensor, rois: Tensor, grad_out: Tensor):
+    """``fn(features, rois)`` on fresh leaves, backward of ``grad_out``: (output, features grad, rois grad)."""
+    features = features.detach().requires_grad_(True)
+    rois = rois.detach().requires_grad_(True)
+    out = fn(features, rois)
+    out.backward(grad_out)
+    return out.detach(), features.grad, rois.grad

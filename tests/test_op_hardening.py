@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from reference import reference_prroi_pool
+from reference import forward_backward, reference_prroi_pool
 
 from prroi_d2 import PrRoIPool, PrRoIPool2D, _extension, prroi_pool2d, prroi_pool_levels
 from prroi_d2 import functional as prroi_functional
@@ -190,14 +190,6 @@ def test_float64_features_keep_float64_scales(device):
 HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # output rounding (2^-11, 2^-8) plus float32 accumulation
 
 
-def _grads(fn, features, rois, grad_out):
-    features = features.detach().requires_grad_(True)
-    rois = rois.detach().requires_grad_(True)
-    out = fn(features, rois)
-    out.backward(grad_out)
-    return out.detach(), features.grad, rois.grad
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALVES)
 @pytest.mark.parametrize("aligned", [False, True])
@@ -208,12 +200,12 @@ def test_half_features_with_float32_rois_match_reference(device, dtype, aligned)
     rois = boxes_of(40, 2, 13, 18, seed=2, device=device) * torch.tensor([1, 2, 2, 2, 2.0], device=device)
     grad_out = features_of((40, 12, 3, 4), dtype=dtype, device=device, seed=3)
     fn = lambda f, r: prroi_pool2d(f, r, 3, 4, 0.5, aligned)
-    out, gf, gr = _grads(fn, features, rois, grad_out)
+    out, gf, gr = forward_backward(fn, features, rois, grad_out)
     assert out.dtype == dtype and gf.dtype == dtype and gr.dtype == F32
     expected = reference_prroi_pool(features.double(), rois.double(), 3, 4, 0.5, aligned)
     rel = HALF_TOL[dtype]
     torch.testing.assert_close(out.cpu().double(), expected, rtol=rel, atol=rel * expected.abs().max().item())
-    _, want_gf, want_gr = _grads(fn, features.double(), rois.double(), grad_out.double())
+    _, want_gf, want_gr = forward_backward(fn, features.double(), rois.double(), grad_out.double())
     torch.testing.assert_close(gf.double(), want_gf, rtol=2 * rel, atol=2 * rel * want_gf.abs().max().item())
     # the coordinate gradient is accumulated in float32 from float32 boxes: float32 accuracy but for the features'
     # and output gradient's rounding, which enter linearly (compared in norm: it jumps where bin edges cross pixels)
@@ -256,8 +248,8 @@ def test_float64_rois_with_float32_features(device):
     rois32 = rois64.float()
     grad_out = features_of((12, 5, 2, 3), dtype=F32, device=device, seed=6)
     fn = lambda f, r: prroi_pool2d(f, r, 2, 3, 1.0, True)
-    out64, gf64, gr64 = _grads(fn, features, rois64, grad_out)
-    out32, gf32, gr32 = _grads(fn, features, rois32, grad_out)
+    out64, gf64, gr64 = forward_backward(fn, features, rois64, grad_out)
+    out32, gf32, gr32 = forward_backward(fn, features, rois32, grad_out)
     assert out64.dtype == F32 and gf64.dtype == F32 and gr64.dtype == F64
     assert torch.equal(out64, out32) and torch.equal(gf64, gf32) and torch.equal(gr64, gr32.double())
 
@@ -385,12 +377,12 @@ def test_cuda_coordinate_gradient_of_boxes_split_over_blocks(dtype, deterministi
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        got = _grads(fn, features.cuda(), rois.cuda(), grad_out.cuda())
-        again = _grads(fn, features.cuda(), rois.cuda(), grad_out.cuda())
+        got = forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
+        again = forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
     finally:
         torch.use_deterministic_algorithms(previous)
     torch.cuda.synchronize()
-    want = _grads(fn, features.double(), rois.double(), grad_out.double())
+    want = forward_backward(fn, features.double(), rois.double(), grad_out.double())
     gr, want_gr = got[2].cpu().double(), want[2]
     assert got[2].dtype == F32 and want_gr[:, 1:].abs().sum() > 0
     # the same rounded inputs in both: only float32 accumulation differs (and a bin edge rounded across a pixel)

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import reference_prroi_pool
+from reference import forward_backward, reference_prroi_pool
 
 import prroi_d2
 from prroi_d2 import PrRoIPool, PrRoIPool2D, prroi_pool, prroi_pool2d
@@ -354,8 +354,8 @@ def test_float32_gradients_match_float64(device):
     rois = rois.to(device)
     grad_out = make_features((8, C, 3, 2), dtype=F32, device=device, seed=63)
     fn = lambda f, r: prroi_pool2d(f, r, 3, 2, 0.5, True)
-    got = _forward_backward(fn, features, rois, grad_out)
-    want = _forward_backward(fn, features.double(), rois.double(), grad_out.double())
+    got = forward_backward(fn, features, rois, grad_out)
+    want = forward_backward(fn, features.double(), rois.double(), grad_out.double())
     for a, b in zip(got, want):
         assert a.dtype == F32
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
@@ -366,8 +366,8 @@ def test_cpu_backward_is_deterministic():
     rois, _ = random_rois(20, batch=2, height=12, width=14, seed=65, dtype=F32)
     grad_out = make_features((rois.shape[0], 8, 4, 4), dtype=F32, seed=66)
     fn = lambda f, r: prroi_pool2d(f, r, 4, 4, 1.0)
-    first = _forward_backward(fn, features, rois, grad_out)
-    second = _forward_backward(fn, features, rois, grad_out)
+    first = forward_backward(fn, features, rois, grad_out)
+    second = forward_backward(fn, features, rois, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -440,23 +440,15 @@ def test_opcheck(features_grad, rois_grad, aligned):
     torch.library.opcheck(OP.default, _opcheck_args(features_grad, rois_grad, aligned))
 
 
-def _forward_backward(module, features, rois, grad_out):
-    features = features.detach().requires_grad_(True)
-    rois = rois.detach().requires_grad_(True)
-    out = module(features, rois)
-    out.backward(grad_out)
-    return out.detach(), features.grad, rois.grad
-
-
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     module = PrRoIPool2D(3, 2, 0.5, aligned=True)
     features = make_features(seed=30)
     rois, _ = random_rois(2, seed=31, spatial_scale=0.5)
     grad_out = make_features((rois.shape[0], C, 3, 2), seed=32)
-    eager = _forward_backward(module, features, rois, grad_out)
+    eager = forward_backward(module, features, rois, grad_out)
     compiled = torch.compile(module, fullgraph=True, backend="inductor")
-    got = _forward_backward(compiled, features, rois, grad_out)
+    got = forward_backward(compiled, features, rois, grad_out)
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -472,8 +464,8 @@ def test_torch_jit_script_matches_eager():
         boxes = [rois[rois[:, 0] == n, 1:] for n in range(N)]
         assert torch.equal(scripted(features, boxes), module(features, boxes))
         grad_out = make_features((rois.shape[0], C, module.pooled_height, module.pooled_width), seed=35)
-        eager = _forward_backward(module, features, rois, grad_out)
-        for a, b in zip(_forward_backward(scripted, features, rois, grad_out), eager):
+        eager = forward_backward(module, features, rois, grad_out)
+        for a, b in zip(forward_backward(scripted, features, rois, grad_out), eager):
             assert torch.equal(a, b)
 
 
@@ -510,7 +502,7 @@ def test_non_contiguous_and_channels_last_inputs(device):
     rois = rois.to(device)
     ph, pw = 3, 2
     grad_out = make_features((rois.shape[0], C, ph, pw), device=device, seed=43)
-    ref_out, ref_gf, ref_gr = _forward_backward(
+    ref_out, ref_gf, ref_gr = forward_backward(
         lambda f, r: prroi_pool2d(f, r, ph, pw, 1.0, True), features, rois, grad_out
     )
 
@@ -528,20 +520,20 @@ def test_non_contiguous_and_channels_last_inputs(device):
     }
     for name, f in feature_variants.items():
         assert not f.is_contiguous(), name
-        out, gf, gr = _forward_backward(lambda f_, r_: prroi_pool2d(f_, r_, ph, pw, 1.0, True), f, rois, grad_out)
+        out, gf, gr = forward_backward(lambda f_, r_: prroi_pool2d(f_, r_, ph, pw, 1.0, True), f, rois, grad_out)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
         torch.testing.assert_close(gf, ref_gf, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(gr, ref_gr, rtol=1e-12, atol=1e-12)
     for name, r in rois_variants.items():
         assert not r.is_contiguous(), name
-        out, gf, gr = _forward_backward(lambda f_, r_: prroi_pool2d(f_, r_, ph, pw, 1.0, True), features, r, grad_out)
+        out, gf, gr = forward_backward(lambda f_, r_: prroi_pool2d(f_, r_, ph, pw, 1.0, True), features, r, grad_out)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
         torch.testing.assert_close(gf, ref_gf, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(gr, ref_gr, rtol=1e-12, atol=1e-12)
     for name, g in grad_variants.items():
         assert not g.is_contiguous(), name
-        _, gf, gr = _forward_backward(lambda f_, r_: prroi_pool2d(f_, r_, ph, pw, 1.0, True), features, rois, g)
-        _, want_gf, want_gr = _forward_backward(
+        _, gf, gr = forward_backward(lambda f_, r_: prroi_pool2d(f_, r_, ph, pw, 1.0, True), features, rois, g)
+        _, want_gf, want_gr = forward_backward(
             lambda f_, r_: prroi_pool2d(f_, r_, ph, pw, 1.0, True), features, rois, g.contiguous()
         )
         torch.testing.assert_close(gf, want_gf, rtol=1e-12, atol=1e-12)
@@ -583,12 +575,12 @@ def test_non_finite_box_gives_nan_and_no_feature_gradient(device, dtype):
     rois = torch.cat([good[:1], bad[:2], good[1:], bad[2:]]).to(device)
     is_bad = torch.tensor([False, True, True, False, True, True])
     grad_out = make_features((6, C, 2, 3), dtype=dtype, device=device, seed=46)
-    out, gf, gr = _forward_backward(lambda f, r: prroi_pool2d(f, r, 2, 3, 1.0), features, rois, grad_out)
+    out, gf, gr = forward_backward(lambda f, r: prroi_pool2d(f, r, 2, 3, 1.0), features, rois, grad_out)
     if device == "cuda":
         torch.cuda.synchronize()
     out, gf, gr = out.cpu(), gf.cpu(), gr.cpu()
     assert torch.isnan(out[is_bad]).all()
-    good_out, good_gf, good_gr = _forward_backward(
+    good_out, good_gf, good_gr = forward_backward(
         lambda f, r: prroi_pool2d(f, r, 2, 3, 1.0), features, good.to(device), grad_out[~is_bad.to(device)]
     )
     torch.testing.assert_close(out[~is_bad], good_out.cpu(), rtol=0, atol=0)
@@ -735,8 +727,8 @@ def test_cuda_matches_cpu(dtype, aligned):
     rois, _ = random_rois(6, seed=52, spatial_scale=0.5, dtype=dtype)
     grad_out = make_features((rois.shape[0], C, 4, 3), dtype=dtype, seed=53)
     fn = lambda f, r: prroi_pool2d(f, r, 4, 3, 0.5, aligned)
-    cpu = _forward_backward(fn, features, rois, grad_out)
-    cuda = _forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
+    cpu = forward_backward(fn, features, rois, grad_out)
+    cuda = forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
     for a, b in zip(cuda, cpu):
         torch.testing.assert_close(a.cpu(), b, **tol(dtype))
 
@@ -766,11 +758,11 @@ def test_cuda_matches_cpu_on_fpn_like_boxes(pooled, count, deterministic):
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        cuda = _forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
+        cuda = forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
         cuda_sum = _sum_backward(fn, features.cuda(), rois.cuda())
     finally:
         torch.use_deterministic_algorithms(previous)
-    cpu = _forward_backward(fn, features, rois, grad_out)
+    cpu = forward_backward(fn, features, rois, grad_out)
     cpu_sum = _sum_backward(fn, features, rois)
     for a, b in zip(cuda + cuda_sum, cpu + cpu_sum):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
@@ -795,8 +787,8 @@ def test_cuda_low_precision_on_fpn_like_boxes(dtype, width):
     rois = fpn_like_rois(300, 2, 37, width, 0.25, seed=66).to(dtype)
     grad_out = make_features((300, 20, 7, 7), seed=67).to(dtype)
     fn = lambda f, r: prroi_pool2d(f, r, 7, 7, 0.25, aligned=True)
-    got = _forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
-    want = _forward_backward(fn, features.double(), rois.double(), grad_out.double())
+    got = forward_backward(fn, features.cuda(), rois.cuda(), grad_out.cuda())
+    want = forward_backward(fn, features.double(), rois.double(), grad_out.double())
     # forward and feature gradient are smooth in the inputs; the coordinate gradient jumps where a bin edge crosses
     # an integer (a kink of the interpolated map), and rounded edges cross them differently, so it is compared in
     # norm rather than element by element.
@@ -822,8 +814,8 @@ def test_cuda_half_precision_matches_reference(dtype):
     # gradients run and agree with float32 of the same (rounded) inputs
     grad_out = make_features(out.shape, dtype=dtype, seed=56).cuda()
     fn = lambda f, r: prroi_pool2d(f, r, 3, 4, 1.0, True)
-    _, gf, gr = _forward_backward(fn, features, rois, grad_out)
-    _, gf32, gr32 = _forward_backward(fn, features.float(), rois.float(), grad_out.float())
+    _, gf, gr = forward_backward(fn, features, rois, grad_out)
+    _, gf32, gr32 = forward_backward(fn, features.float(), rois.float(), grad_out.float())
     assert gf.dtype == dtype and gr.dtype == dtype
     torch.testing.assert_close(gf.float(), gf32, rtol=2e-2, atol=2e-2 * gf32.abs().max().item())
     torch.testing.assert_close(gr.float(), gr32, rtol=5e-2, atol=5e-2 * gr32.abs().max().item())
@@ -890,15 +882,15 @@ def test_cuda_deterministic_backward_is_bit_identical():
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        first = _forward_backward(fn, features, rois, grad_out)
-        second = _forward_backward(fn, features, rois, grad_out)
+        first = forward_backward(fn, features, rois, grad_out)
+        second = forward_backward(fn, features, rois, grad_out)
     finally:
         torch.use_deterministic_algorithms(previous)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     # and the deterministic path agrees with the default one and with the CPU
-    default = _forward_backward(fn, features, rois, grad_out)
-    cpu = _forward_backward(fn, features.cpu(), rois.cpu(), grad_out.cpu())
+    default = forward_backward(fn, features, rois, grad_out)
+    cpu = forward_backward(fn, features.cpu(), rois.cpu(), grad_out.cpu())
     # (float32 coordinate gradients jump where a bin edge crosses an integer; CPU and GPU round edges differently)
     for a, b, c in zip(first, default, cpu):
         scale = c.abs().max().item()

@@ -72,6 +72,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import prroi_d2  # noqa: E402
 from prroi_d2 import add_iounet_config  # noqa: E402
+from prroi_d2.evaluation.iounet_evaluator import json_safe  # noqa: E402
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms  # noqa: E402
 from prroi_d2.modeling.roi_heads import _top_per_image  # noqa: E402
 
@@ -795,16 +796,6 @@ def print_checks(checks):
     for name, value, limit in checks:
         verdict = "met" if value is not None and value <= limit else "NOT met"
         print(f"  {verdict:<8} {name:<64} {fmt(value, '8.3f')}  (<= {limit})")
-
-
-def json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def main():

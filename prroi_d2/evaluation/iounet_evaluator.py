@@ -378,13 +378,14 @@ def plot_iou_histogram(histogram, path) -> str:
     return path
 
 
-def _json_safe(value):
+def json_safe(value):
+    """``value`` with every non-finite float (nested in dicts, lists, tuples) replaced by None: strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -517,7 +518,6 @@ class IoUNetEvaluator(DatasetEvaluator):
             logger.info("IoU-Net stages on %s:\n%s", self._dataset_name, table)
         else:
             print(f"IoU-Net stages on {self._dataset_name}:\n{table}")
-        self._curves, self._histogram = curves, histogram
         return copy.deepcopy(results)
 
     def _localization(self, coco_gt, records):
@@ -538,6 +538,9 @@ class IoUNetEvaluator(DatasetEvaluator):
         loc["mean_true_iou"] = _mean(true_final)
         loc["mean_true_iou_initial"] = _mean(true_init)
         for name, stage_records in records.items():
+            if name == stage:  # matched above
+                loc[f"iou_pearson_{name}"] = loc["iou_pearson"]
+                continue
             true_iou, pred_iou = match_to_ground_truth(coco_gt, stage_records, "bbox")
             loc[f"iou_pearson_{name}"] = pearson(pred_iou, true_iou)
         histogram = {
@@ -563,7 +566,7 @@ class IoUNetEvaluator(DatasetEvaluator):
         summary["ap_per_iou_threshold"] = {"iou_thresholds": COCO_IOU_THRESHOLDS.round(2).tolist(), **curves}
         summary["iou_histogram"] = histogram
         with PathManager.open(os.path.join(out, "iounet_stages.json"), "w") as f:
-            json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
+            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
         with PathManager.open(os.path.join(out, "iounet_stages.md"), "w") as f:
             f.write(f"# IoU-Net stages on {self._dataset_name}\n\n{table}")
         plot_ap_vs_iou(curves, os.path.join(out, "ap_vs_iou.png"))

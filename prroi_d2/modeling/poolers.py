@@ -222,6 +222,12 @@ class PrRoIPooler(ROIPooler):
             )
         return pool_levels(x, rois, levels, self.output_size, self.prroi_scales, self.prroi_aligned)
 
+    def levels_of(self, rois: Tensor) -> Tensor:
+        """(K,) int64 index of the level each of rois (K, 5) or boxes (K, 4) is pooled from (Detectron2's rule)."""
+        if len(self.level_poolers) == 1:
+            return torch.zeros(rois.size(0), dtype=torch.int64, device=rois.device)
+        return assign_fpn_levels(rois, self.prroi_scales, self.canonical_box_size, self.canonical_level)
+
 
 def pool_rois(pooler: ROIPooler, x: List[Tensor], rois: Tensor) -> Tensor:
     """Pool rois (K, 5) ``(image index, x0, y0, x1, y1)`` in any order with ``pooler`` -> (K, C, h, w).
@@ -231,10 +237,7 @@ def pool_rois(pooler: ROIPooler, x: List[Tensor], rois: Tensor) -> Tensor:
     in the input order.
     """
     if isinstance(pooler, PrRoIPooler):
-        if len(pooler.level_poolers) == 1:
-            levels = torch.zeros(rois.size(0), dtype=torch.int64, device=rois.device)
-        else:
-            levels = assign_fpn_levels(rois, pooler.prroi_scales, pooler.canonical_box_size, pooler.canonical_level)
+        levels = pooler.levels_of(rois)
         return pool_levels(x, rois, levels, pooler.output_size, pooler.prroi_scales, pooler.prroi_aligned)
     image = rois[:, 0].to(torch.int64)
     order = torch.argsort(image, stable=True)

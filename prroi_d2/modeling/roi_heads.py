@@ -10,7 +10,6 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import Tensor
 
-from prroi_d2.functional import assign_fpn_levels
 from prroi_d2.modeling import poolers
 from prroi_d2.modeling.box_jitter import sample_jittered_boxes
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms
@@ -257,9 +256,7 @@ class IoUNetROIHeads(StandardROIHeads):
             features = [_normal_tensor(f) for f in features]
             boxes, classes, images = (_normal_tensor(cand[k][keep]) for k in ("boxes", "classes", "images"))
             image_index = images.to(boxes.dtype)[:, None]
-            levels = assign_fpn_levels(boxes, pooler.prroi_scales, pooler.canonical_box_size, pooler.canonical_level)
-            if len(pooler.prroi_scales) == 1:
-                levels = torch.zeros_like(levels)
+            levels = pooler.levels_of(boxes)
             sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[images]
 
         def predict(b: Tensor) -> Tensor:
