@@ -59,6 +59,9 @@ def add_iounet_config(cfg: CN) -> CN:
     iou.REFINE.MAX_ITER = 5  # T
     iou.REFINE.STOP_DELTA = 0.001  # Omega_1: stop when |IoU change| < this
     iou.REFINE.STOP_DROP = -0.01  # Omega_2: stop when the IoU change < this
+    # On CUDA, refinement replays CUDA graphs (captured the second time a feature shape is seen): at most this many
+    # are kept (one per feature shape and bucket of box counts). 0: launch every kernel from Python.
+    iou.REFINE.CUDA_GRAPHS = 8
 
     # Final score of a detection: "cls" (classification score; the cluster max after IoU-guided NMS), "iou"
     # (predicted IoU) or "cls_x_iou".

@@ -73,6 +73,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 import prroi_d2  # noqa: E402
 from prroi_d2 import add_iounet_config  # noqa: E402
 from prroi_d2.evaluation.iounet_evaluator import json_safe  # noqa: E402
+from prroi_d2.modeling.cuda_graphs import CUDAGraphCache  # noqa: E402
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms  # noqa: E402
 from prroi_d2.modeling.roi_heads import _top_per_image  # noqa: E402
 
@@ -534,21 +535,31 @@ def inference_models(setup, with_align=True):
     load_shared(iounet, plain)
     install_level_offsets(iounet, offsets)
     calibrate_iou_head(iounet, inputs)
+    iounet_eager = None
+    if with_align:
+        cfg = make_cfg(setup, iounet=True)
+        cfg.defrost()
+        cfg.MODEL.IOU_NET.REFINE.CUDA_GRAPHS = 0
+        iounet_eager = build(cfg, False)
+        load_shared(iounet_eager, plain)
+        install_level_offsets(iounet_eager, offsets)
+        iounet_eager.roi_heads.iou_head.load_state_dict(iounet.roi_heads.iou_head.state_dict())
     iounet_align = None
     if with_align:
         iounet_align = build(make_cfg(setup, iounet=True, box_pooler="ROIAlignV2"), False)
         load_shared(iounet_align, plain)
         install_level_offsets(iounet_align, offsets)
         iounet_align.roi_heads.iou_head.load_state_dict(iounet.roi_heads.iou_head.state_dict())
-    return plain, iounet, iounet_align, inputs, expected
+    return plain, iounet, iounet_align, iounet_eager, inputs, expected
 
 
 def section_infer(setup, timer, repeat, warmup, checks):
-    plain, iounet, iounet_align, inputs, expected = inference_models(setup)
+    plain, iounet, iounet_align, iounet_eager, inputs, expected = inference_models(setup)
     models = {
         "plain Faster R-CNN (box head ROIAlignV2)": (plain, False),
         "IoU-Net (PrRoIPoolV2; IoU-guided NMS, refinement T=5)": (iounet, True),
         "IoU-Net, box head ROIAlignV2": (iounet_align, True),
+        "IoU-Net, refinement without CUDA graphs": (iounet_eager, True),
     }
     counts = {name: workload_counts(m, inputs, is_iou) for name, (m, is_iou) in models.items()}
 
@@ -591,7 +602,7 @@ def section_infer(setup, timer, repeat, warmup, checks):
 
 
 def section_stages(setup, timer, repeat, warmup, checks):
-    plain, iounet, _, inputs, _ = inference_models(setup, with_align=False)
+    plain, iounet, _, _, inputs, _ = inference_models(setup, with_align=False)
     heads, plain_heads = iounet.roi_heads, plain.roi_heads
     c = box_head_outputs(iounet, inputs)
     images, features, proposals = c["images"], c["features"], c["proposals"]
@@ -613,6 +624,8 @@ def section_stages(setup, timer, repeat, warmup, checks):
         )
         keep = keep_all[top]
     m, k, r = len(cand["scores"]), len(keep_all), len(keep)
+    refine_inputs = [cand[n][keep] for n in ("boxes", "classes", "images")]
+    refine_inputs += [torch.tensor(sizes, dtype=torch.float32, device=keep.device)[refine_inputs[2]]] + iou_in
 
     def inference(fn):
         def run():
@@ -647,7 +660,12 @@ def section_stages(setup, timer, repeat, warmup, checks):
         f"IoU-Net _top_per_image ({k} -> {r})": lambda: _top_per_image(
             torch.arange(k, device=keep_all.device), cluster_scores, cand["images"][keep_all], topk
         ),
-        f"IoU-Net _refine of {r} boxes (T={heads.refine_max_iter})": lambda: heads._refine(iou_in, cand, keep, sizes),
+        f"IoU-Net _refine of {r} boxes (T={heads.refine_max_iter}), CUDA graph": lambda: heads._refine(
+            iou_in, cand, keep, sizes
+        ),
+        f"IoU-Net _refine of {r} boxes (T={heads.refine_max_iter}), kernels launched from Python": lambda: (
+            CUDAGraphCache.eager(heads._refine_boxes, refine_inputs)
+        ),
     }
     fns = {name: inference(fn) for name, fn in fns.items()}
     stats = timer.measure(fns, repeat, warmup)
@@ -656,9 +674,10 @@ def section_stages(setup, timer, repeat, warmup, checks):
         names[3]: names[2],
         names[5]: names[4],
         names[10]: names[7],
+        names[13]: names[12],
     }
     rows = [row(n, stats[n], ref=stats[ref_of[n]] if n in ref_of else None) for n in names]
-    iou_stages = names[8:]
+    iou_stages = names[8:13]  # candidates, IoU prediction, IoU-guided NMS, top-k, refinement (CUDA graph)
     total = sum(stats[n]["median"] for n in iou_stages)
     fake = {"median": total, "p10": float("nan"), "p90": float("nan")}
     rows.append(
@@ -672,7 +691,7 @@ def section_stages(setup, timer, repeat, warmup, checks):
     header = [
         f"IoU-Net stages on their own, batch 1, {setup.height}x{setup.width}, inputs captured from one forward "
         "(inference mode); ratio: PrRoIPoolV2 box head / ROIAlignV2 box head, IoUNetROIHeads / StandardROIHeads, "
-        "IoU-guided NMS / batched_nms",
+        "IoU-guided NMS / batched_nms, refinement launched from Python / from a CUDA graph",
         f"{m} candidates (first image {int((cand['images'] == 0).sum())}), {k} kept by IoU-guided NMS, {r} refined",
     ]
     return header, rows, {}

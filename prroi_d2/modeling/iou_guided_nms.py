@@ -11,8 +11,9 @@ from prroi_d2.modeling.box_jitter import box_iou
 
 __all__ = ["iou_guided_nms"]
 
-# Rows of the (kept x all) overlap matrix computed at once when assigning boxes to clusters.
-_CLUSTER_CHUNK = 1024
+# Entries of the (kept x all) overlap matrix computed at once when assigning boxes to clusters (~16 Mi: a few
+# hundred MiB of temporaries at most; one chunk for a few thousand candidates).
+_CLUSTER_CHUNK_ELEMENTS = 1 << 24
 
 
 def iou_guided_nms(
@@ -53,8 +54,9 @@ def iou_guided_nms(
     # that box precedes j in the ranking, and a kept box is the first of its own cluster.
     m = keep.numel()
     cluster = torch.full((n,), m, dtype=torch.int64, device=boxes.device)
-    for start in range(0, m, _CLUSTER_CHUNK):
-        rows = keep[start : start + _CLUSTER_CHUNK]
+    chunk = max(1, _CLUSTER_CHUNK_ELEMENTS // n)
+    for start in range(0, m, chunk):
+        rows = keep[start : start + chunk]
         hit = (box_iou(boxes_f[rows], boxes_f) > iou_threshold) & (idxs[rows][:, None] == idxs[None, :])
         first = torch.where(hit.any(dim=0), hit.to(torch.uint8).argmax(dim=0) + start, m)
         cluster = torch.minimum(cluster, first)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from prroi_d2.modeling import poolers
 from prroi_d2.modeling.box_jitter import sample_jittered_boxes
+from prroi_d2.modeling.cuda_graphs import CUDAGraphCache
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms
 from prroi_d2.modeling.iou_head import build_iou_head
 from prroi_d2.modeling.poolers import pool_levels, pool_rois
@@ -58,6 +59,7 @@ class IoUNetROIHeads(StandardROIHeads):
         refine_max_iter: int = 5,
         refine_stop_delta: float = 0.001,
         refine_stop_drop: float = -0.01,
+        refine_cuda_graphs: int = 8,
         score_mode: str = "cls",
         **kwargs,
     ):
@@ -73,6 +75,8 @@ class IoUNetROIHeads(StandardROIHeads):
             )
         if refine_max_iter < 0:
             raise ValueError(f"MODEL.IOU_NET.REFINE.MAX_ITER must be >= 0, got {refine_max_iter}")
+        if refine_cuda_graphs < 0:
+            raise ValueError(f"MODEL.IOU_NET.REFINE.CUDA_GRAPHS must be >= 0, got {refine_cuda_graphs}")
         self.iou_in_features = iou_in_features
         self.iou_pooler = iou_pooler
         self.iou_head = iou_head
@@ -87,6 +91,7 @@ class IoUNetROIHeads(StandardROIHeads):
         self.refine_max_iter = refine_max_iter
         self.refine_stop_delta = refine_stop_delta
         self.refine_stop_drop = refine_stop_drop
+        self._refine_graphs = CUDAGraphCache(refine_cuda_graphs)
         self.score_mode = score_mode
 
     @classmethod
@@ -134,6 +139,7 @@ class IoUNetROIHeads(StandardROIHeads):
             "refine_max_iter": iou.REFINE.MAX_ITER,
             "refine_stop_delta": iou.REFINE.STOP_DELTA,
             "refine_stop_drop": iou.REFINE.STOP_DROP,
+            "refine_cuda_graphs": iou.REFINE.CUDA_GRAPHS,
             "score_mode": iou.SCORE,
         }
 
@@ -229,17 +235,17 @@ class IoUNetROIHeads(StandardROIHeads):
         counts = [len(b) for b in boxes]
         boxes, scores = cat(list(boxes)), cat(list(scores))
         device = scores.device
-        images = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+        images = cat([torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(counts)])
         valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
         scores = scores[:, :-1]
         boxes = boxes.view(boxes.size(0), boxes.size(1) // 4, 4)
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)[images]  # (R, 2): height, width
         limits = sizes.flip(1).repeat(1, 2)[:, None, :]
         boxes = torch.minimum(boxes.clamp(min=0), limits)
-        mask = (scores > self.box_predictor.test_score_thresh) & valid[:, None]
-        index = mask.nonzero()
-        chosen = boxes[index[:, 0], 0] if boxes.size(1) == 1 else boxes[mask]
-        return {"boxes": chosen, "scores": scores[mask], "classes": index[:, 1], "images": images[index[:, 0]]}
+        # One host synchronisation (nonzero); the rest gathers by index.
+        rows, classes = ((scores > self.box_predictor.test_score_thresh) & valid[:, None]).nonzero().unbind(1)
+        chosen = boxes[rows, 0] if boxes.size(1) == 1 else boxes[rows, classes]
+        return {"boxes": chosen, "scores": scores[rows, classes], "classes": classes, "images": images[rows]}
 
     def _predict_ious(self, features: List[Tensor], boxes: Tensor, images: Tensor, classes: Tensor) -> Tensor:
         """(M,) predicted IoU in [0, 1] of boxes (M, 4) of ``images`` (M,) for ``classes`` (M,)."""
@@ -249,15 +255,41 @@ class IoUNetROIHeads(StandardROIHeads):
 
     def _refine(self, features, cand, keep, image_sizes) -> Tuple[Tensor, Tensor, Tensor]:
         """Refine the kept candidates (Algorithm 2) with one pooling launch per step; FPN levels stay those of the
-        initial boxes. Returns boxes (R, 4), predicted IoU (R,), predicted IoU before refinement (R,)."""
+        initial boxes. Returns boxes (R, 4), predicted IoU (R,), predicted IoU before refinement (R,).
+
+        On CUDA the whole refinement is replayed from a CUDA graph (``refine_cuda_graphs`` kept, one per feature
+        shape and bucket of box counts): the boxes are padded to the next power of two (at least 16) by repeating
+        the last one, and the padding is dropped from the results."""
+        boxes, classes, images = cand["boxes"][keep], cand["classes"][keep], cand["images"][keep]
+        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[images]
+        r = boxes.size(0)
+        inputs = [boxes, classes, images, sizes] + list(features)
+        if r == 0 or not boxes.is_cuda or self._refine_graphs.max_graphs == 0 or _is_tracing():
+            return CUDAGraphCache.eager(self._refine_boxes, inputs)
+        bucket = max(16, 1 << (r - 1).bit_length())
+        pad = torch.arange(bucket, device=boxes.device).clamp_(max=r - 1)
+        inputs[:4] = [t[pad] for t in inputs[:4]]
+        key = (
+            id(self),
+            self.refine_step,
+            self.refine_max_iter,
+            self.refine_stop_delta,
+            self.refine_stop_drop,
+            self.iou_pooler.output_size,
+            tuple(self.iou_pooler.prroi_scales),
+            self.iou_pooler.prroi_aligned,
+            tuple((p.data_ptr(), p.dtype) for p in self.iou_head.parameters()),
+            self.iou_head.training,
+        )
+        return tuple(t[:r] for t in self._refine_graphs(self._refine_boxes, inputs, key))
+
+    def _refine_boxes(self, boxes, classes, images, sizes, *features) -> Tuple[Tensor, Tensor, Tensor]:
+        """``refine_boxes`` of boxes (R, 4) of ``images`` (R,) with ``sizes`` (R, 2) for ``classes`` (R,), through
+        the IoU pooler and head; no host synchronisation (what :meth:`_refine` captures in a CUDA graph)."""
         pooler = self.iou_pooler
-        # Under inference_mode every tensor is an inference tensor, which autograd cannot save: refine on copies.
-        with torch.inference_mode(False):
-            features = [_normal_tensor(f) for f in features]
-            boxes, classes, images = (_normal_tensor(cand[k][keep]) for k in ("boxes", "classes", "images"))
-            image_index = images.to(boxes.dtype)[:, None]
-            levels = pooler.levels_of(boxes)
-            sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[images]
+        image_index = images.to(boxes.dtype)[:, None]
+        levels = pooler.levels_of(boxes)
+        features = list(features)
 
         def predict(b: Tensor) -> Tensor:
             rois = torch.cat([image_index, b], dim=1)
@@ -324,6 +356,5 @@ def _top_per_image(index: Tensor, scores: Tensor, images: Tensor, k: int) -> Ten
     return index[order]
 
 
-def _normal_tensor(t: Tensor) -> Tensor:
-    """``t``, or a copy of it outside inference mode if it is an inference tensor (call with inference mode off)."""
-    return t.clone() if t.is_inference() else t
+def _is_tracing() -> bool:
+    return torch.jit.is_scripting() or torch.jit.is_tracing()

@@ -1,0 +1,89 @@
+"""``CUDAGraphCache``: eager on CPU, captured on the second sighting of a signature on CUDA, results equal to the
+function run eagerly (gradients taken inside included), LRU eviction, failed captures fall back to eager."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from prroi_d2.modeling.cuda_graphs import CUDAGraphCache
+
+
+def _ascent(x, w):
+    """Two steps of gradient ascent on sum(tanh(x @ w)) with respect to x (autograd inside: as refinement does)."""
+    with torch.enable_grad():
+        for _ in range(2):
+            point = x.detach().requires_grad_(True)
+            value = torch.tanh(point @ w).sum(dim=1)
+            (grad,) = torch.autograd.grad(value.sum(), point)
+            x = point.detach() + 0.1 * grad
+    return x, value.detach()
+
+
+def test_bad_max_graphs_is_named():
+    with pytest.raises(ValueError, match="max_graphs"):
+        CUDAGraphCache(-1)
+
+
+def test_cpu_tensors_run_eagerly_and_never_capture():
+    cache = CUDAGraphCache(4)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 3, generator=g), torch.randn(3, 2, generator=g)
+    for _ in range(3):
+        out = cache(_ascent, [x, w], key="ascent")
+        for a, b in zip(out, _ascent(x, w)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(cache) == 0
+
+
+def test_copies_start_empty_and_keep_their_size():
+    cache = CUDAGraphCache(3)
+    for other in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert other.max_graphs == 3 and len(other) == 0
+
+
+@pytest.mark.cuda
+def test_cuda_capture_on_second_call_matches_eager_and_evicts_lru():
+    cache = CUDAGraphCache(1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 32, device="cuda", generator=g)
+    w = torch.randn(32, 8, device="cuda", generator=g)
+    expected = _ascent(x, w)
+    with torch.inference_mode():  # as Detectron2 evaluates
+        first = cache(_ascent, [x, w], key="ascent")
+        assert len(cache) == 0  # seen once: eager
+        second = cache(_ascent, [x, w], key="ascent")
+        assert len(cache) == 1
+        x2 = x * 2.0
+        third = cache(_ascent, [x2, w], key="ascent")  # same signature, new values: the graph reads the new input
+    for out in (first, second):
+        for a, b in zip(out, expected):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(third, _ascent(x2, w)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert second[0].data_ptr() != third[0].data_ptr()  # outputs are clones, not the graph's buffers
+    # Another shape, twice: captured, and the only graph kept (max_graphs 1) is now this one.
+    y = x[:16].clone()
+    cache(_ascent, [y, w], key="ascent")
+    cache(_ascent, [y, w], key="ascent")
+    assert len(cache) == 1
+    for a, b in zip(cache(_ascent, [y, w], key="ascent"), _ascent(y, w)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_capture_failure_falls_back_to_eager():
+    def syncs(x):
+        return (x * float(x.sum()),)  # a host synchronisation: not capturable
+
+    cache = CUDAGraphCache(2)
+    x = torch.arange(6.0, device="cuda")
+    cache(syncs, [x], key="syncs")
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        out = cache(syncs, [x], key="syncs")
+    torch.testing.assert_close(out[0], x * 15.0)
+    torch.testing.assert_close(cache(syncs, [x], key="syncs")[0], x * 15.0)  # no second warning, no graph
+    assert len(cache) == 0
+    y = torch.ones(3, device="cuda")
+    torch.testing.assert_close(y + 1, torch.ones(3, device="cuda") * 2)  # the device still works
