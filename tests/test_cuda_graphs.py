@@ -50,17 +50,20 @@ def test_cuda_capture_on_second_call_matches_eager_and_evicts_lru():
     x = torch.randn(64, 32, device="cuda", generator=g)
     w = torch.randn(32, 8, device="cuda", generator=g)
     expected = _ascent(x, w)
+    x2 = x * 2.0
     with torch.inference_mode():  # as Detectron2 evaluates
         first = cache(_ascent, [x, w], key="ascent")
         assert len(cache) == 0  # seen once: eager
         second = cache(_ascent, [x, w], key="ascent")
         assert len(cache) == 1
-        x2 = x * 2.0
         third = cache(_ascent, [x2, w], key="ascent")  # same signature, new values: the graph reads the new input
+        fourth = cache(_ascent, [x * 3.0, w], key="ascent")  # an inference tensor as input
     for out in (first, second):
         for a, b in zip(out, expected):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for a, b in zip(third, _ascent(x2, w)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(fourth, _ascent(x * 3.0, w)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert second[0].data_ptr() != third[0].data_ptr()  # outputs are clones, not the graph's buffers
     # Another shape, twice: captured, and the only graph kept (max_graphs 1) is now this one.

@@ -1,5 +1,7 @@
 """IoU-guided NMS (Algorithm 1) against a plain loop written here (CPU; CUDA when available)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -58,6 +60,18 @@ def test_matches_the_paper_loop(device, seed, n, groups, threshold):
     if n >= 50:  # something was clustered, and some kept box got a higher score than its own from its cluster
         assert len(ref_keep) < n
         assert (cluster_scores > scores[keep]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clusters_computed_in_chunks_equal_one_chunk(device, monkeypatch):
+    module = importlib.import_module("prroi_d2.modeling.iou_guided_nms")  # the package's name is the function
+
+    boxes, scores, ious, idxs = _random_case(1, 150, 3, device)
+    whole = iou_guided_nms(boxes, scores, ious, idxs, 0.5)
+    monkeypatch.setattr(module, "_CLUSTER_CHUNK_ELEMENTS", 150 * 7)  # 7 kept boxes per chunk
+    chunked = iou_guided_nms(boxes, scores, ious, idxs, 0.5)
+    assert len(whole[0]) > 14  # several chunks
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

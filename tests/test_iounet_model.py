@@ -271,3 +271,25 @@ def test_cuda_graph_refinement_equals_eager_refinement():
             torch.testing.assert_close(a.pred_ious, b.pred_ious, rtol=1e-5, atol=1e-5)
     moved = (reference[0]["instances"].pred_boxes.tensor - reference[0]["instances"].pred_boxes_initial.tensor).abs()
     assert moved.max() > 0  # refinement did something to compare
+
+
+def test_top_per_image_single_image_path_equals_general_path():
+    from prroi_d2.modeling.roi_heads import _top_per_image
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (40,), generator=g).float()  # many ties: their input order must be kept
+    index = torch.randperm(40, generator=g)
+    images = torch.zeros(40, dtype=torch.int64)
+    for k in (-1, 0, 3, 39, 100):
+        general = _top_per_image(index, scores, images, k)
+        assert torch.equal(_top_per_image(index, scores, images, k, num_images=1), general)
+    assert torch.equal(_top_per_image(index, scores, images, 3), index[torch.sort(-scores, stable=True).indices[:3]])
+
+
+def test_prroi_pooler_rois_equal_detectron2_pooler_format():
+    from detectron2.modeling.poolers import convert_boxes_to_pooler_format
+
+    g = torch.Generator().manual_seed(1)
+    box_lists = [Boxes(torch.rand(n, 4, generator=g) * 50) for n in (3, 0, 5)]
+    ours = prroi_poolers._pooler_format(box_lists)
+    torch.testing.assert_close(ours, convert_boxes_to_pooler_format(box_lists), rtol=0, atol=0)

@@ -620,10 +620,23 @@ def section_stages(setup, timer, repeat, warmup, checks):
             cand["boxes"], cand["scores"], cand["ious"], groups, heads.iou_nms_thresh
         )
         top = _top_per_image(
-            torch.arange(len(keep_all), device=keep_all.device), cluster_scores, cand["images"][keep_all], topk
+            torch.arange(len(keep_all), device=keep_all.device), cluster_scores, cand["images"][keep_all], topk, 1
         )
         keep = keep_all[top]
     m, k, r = len(cand["scores"]), len(keep_all), len(keep)
+    tf32_graphs = CUDAGraphCache(1)
+
+    def with_tf32(fn):
+        def run(*args):
+            saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return fn(*args)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = saved
+
+        return run
+
     refine_inputs = [cand[n][keep] for n in ("boxes", "classes", "images")]
     refine_inputs += [torch.tensor(sizes, dtype=torch.float32, device=keep.device)[refine_inputs[2]]] + iou_in
 
@@ -658,14 +671,20 @@ def section_stages(setup, timer, repeat, warmup, checks):
             cand["boxes"], cand["scores"], cand["ious"], groups, heads.iou_nms_thresh
         ),
         f"IoU-Net _top_per_image ({k} -> {r})": lambda: _top_per_image(
-            torch.arange(k, device=keep_all.device), cluster_scores, cand["images"][keep_all], topk
+            torch.arange(k, device=keep_all.device), cluster_scores, cand["images"][keep_all], topk, len(sizes)
         ),
         f"IoU-Net _refine of {r} boxes (T={heads.refine_max_iter}), CUDA graph": lambda: heads._refine(
-            iou_in, cand, keep, sizes
+            iou_in, cand, keep, sizes, len(sizes) * topk
         ),
         f"IoU-Net _refine of {r} boxes (T={heads.refine_max_iter}), kernels launched from Python": lambda: (
             CUDAGraphCache.eager(heads._refine_boxes, refine_inputs)
         ),
+        "  for comparison: _refine, CUDA graph, TF32 matmuls (not used by the model)": lambda: tf32_graphs(
+            with_tf32(heads._refine_boxes), refine_inputs, "tf32"
+        ),
+        "  for comparison: _predict_ious, TF32 matmuls (not used by the model)": lambda: with_tf32(
+            heads._predict_ious
+        )(iou_in, cand["boxes"], cand["images"], cand["classes"]),
     }
     fns = {name: inference(fn) for name, fn in fns.items()}
     stats = timer.measure(fns, repeat, warmup)
@@ -675,6 +694,8 @@ def section_stages(setup, timer, repeat, warmup, checks):
         names[5]: names[4],
         names[10]: names[7],
         names[13]: names[12],
+        names[14]: names[12],
+        names[15]: names[9],
     }
     rows = [row(n, stats[n], ref=stats[ref_of[n]] if n in ref_of else None) for n in names]
     iou_stages = names[8:13]  # candidates, IoU prediction, IoU-guided NMS, top-k, refinement (CUDA graph)

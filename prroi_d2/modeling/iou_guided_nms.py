@@ -7,7 +7,6 @@ import torch
 import torchvision
 from torch import Tensor
 
-from prroi_d2.modeling.box_jitter import box_iou
 
 __all__ = ["iou_guided_nms"]
 
@@ -46,20 +45,26 @@ def iou_guided_nms(
     rank[order] = torch.arange(n, 0, -1, dtype=torch.float32, device=boxes.device)
     # Groups apart: offset each group's boxes beyond every other's (the batched-NMS coordinate trick).
     boxes_f = boxes.float()
-    offsets = idxs.to(boxes_f) * (boxes_f.max() - boxes_f.min() + 1.0)
-    shifted = boxes_f + offsets[:, None]
+    low, high = torch.aminmax(boxes_f)
+    shifted = boxes_f + (idxs.to(boxes_f) * (high - low + 1.0))[:, None]
     keep = torchvision.ops.nms(shifted, rank, iou_threshold)
 
-    # Box j joins the cluster of the first kept box (in keep order) of its group overlapping it above the threshold;
-    # that box precedes j in the ranking, and a kept box is the first of its own cluster.
+    # Box j joins the cluster of the first kept box (in keep order) overlapping it above the threshold; that box
+    # precedes j in the ranking, and a kept box is the first of its own cluster. The overlaps are those of the
+    # shifted boxes NMS saw, so boxes of different groups never overlap.
     m = keep.numel()
+    area = (shifted[:, 2:] - shifted[:, :2]).clamp(min=0).prod(dim=1)
     cluster = torch.full((n,), m, dtype=torch.int64, device=boxes.device)
     chunk = max(1, _CLUSTER_CHUNK_ELEMENTS // n)
     for start in range(0, m, chunk):
         rows = keep[start : start + chunk]
-        hit = (box_iou(boxes_f[rows], boxes_f) > iou_threshold) & (idxs[rows][:, None] == idxs[None, :])
-        first = torch.where(hit.any(dim=0), hit.to(torch.uint8).argmax(dim=0) + start, m)
-        cluster = torch.minimum(cluster, first)
+        kept = shifted[rows]
+        lt = torch.maximum(kept[:, None, :2], shifted[None, :, :2])
+        rb = torch.minimum(kept[:, None, 2:], shifted[None, :, 2:])
+        inter = (rb - lt).clamp_(min=0).prod(dim=2)
+        hit = inter > iou_threshold * (area[rows][:, None] + area[None, :] - inter)  # IoU > threshold
+        position = torch.arange(start, start + rows.numel(), device=boxes.device)[:, None]
+        cluster = torch.minimum(cluster, torch.where(hit, position, m).amin(dim=0))
     cluster[keep] = torch.arange(m, device=boxes.device)  # exact even where the two overlap computations round apart
     cluster_scores = scores.new_full((m + 1,), float("-inf"))
     cluster_scores = cluster_scores.scatter_reduce(0, cluster, scores, reduce="amax", include_self=True)

@@ -204,27 +204,36 @@ class IoUNetROIHeads(StandardROIHeads):
         groups = cand["images"] * self.num_classes + cand["classes"]
         topk = self.box_predictor.test_topk_per_image
 
+        last = "refined" if self.refine_enabled else "iou_nms" if self.iou_nms_enabled else "baseline"
+
+        def wanted(stage: str) -> bool:  # Instances are built only for the stages returned
+            return self.output_stages or stage == last
+
         stages: Dict[str, List[Instances]] = {}
         if self.output_stages or not self.iou_nms_enabled:
             keep = batched_nms(cand["boxes"], cand["scores"], groups, self.box_predictor.test_nms_thresh)
-            keep = _top_per_image(keep, cand["scores"][keep], cand["images"][keep], topk)
+            keep = _top_per_image(keep, cand["scores"][keep], cand["images"][keep], topk, num_images)
             cls_scores = cand["scores"][keep]
-            stages["baseline"] = self._to_instances(cand, keep, cls_scores, image_sizes)
+            if wanted("baseline"):
+                stages["baseline"] = self._to_instances(cand, keep, cls_scores, image_sizes)
         if self.iou_nms_enabled:
             rank = cand["ious"] if self.iou_nms_rank == "iou" else cand["scores"] * cand["ious"]
             keep, cluster_scores = iou_guided_nms(cand["boxes"], cand["scores"], rank, groups, self.iou_nms_thresh)
             top = _top_per_image(
-                torch.arange(len(keep), device=keep.device), cluster_scores, cand["images"][keep], topk
+                torch.arange(len(keep), device=keep.device), cluster_scores, cand["images"][keep], topk, num_images
             )
             keep, cls_scores = keep[top], cluster_scores[top]
-            stages["iou_nms"] = self._to_instances(cand, keep, self._score(cls_scores, cand["ious"][keep]), image_sizes)
+            if wanted("iou_nms"):
+                scores = self._score(cls_scores, cand["ious"][keep])
+                stages["iou_nms"] = self._to_instances(cand, keep, scores, image_sizes)
         if self.refine_enabled:
-            boxes, ious, initial = self._refine(iou_features, cand, keep, image_sizes)
+            capacity = num_images * topk if topk > 0 else 0
+            boxes, ious, initial = self._refine(iou_features, cand, keep, image_sizes, capacity)
             refined = {"boxes": boxes, "ious": ious, "classes": cand["classes"][keep], "images": cand["images"][keep]}
             extra = {"pred_boxes_initial": Boxes(cand["boxes"][keep]), "pred_ious_initial": initial}
             index = torch.arange(len(keep), device=keep.device)
             stages["refined"] = self._to_instances(refined, index, self._score(cls_scores, ious), image_sizes, extra)
-        final = self.forward_with_given_boxes(features, stages[[s for s in STAGES if s in stages][-1]])
+        final = self.forward_with_given_boxes(features, stages[last])
         if not self.output_stages:
             return final, {}
         return final, {"stages": [{s: stages[s][i] for s in stages} for i in range(num_images)]}
@@ -253,22 +262,24 @@ class IoUNetROIHeads(StandardROIHeads):
         raw = self.iou_head(pool_rois(self.iou_pooler, features, rois))
         return self.iou_head.predict_ious(raw, classes)
 
-    def _refine(self, features, cand, keep, image_sizes) -> Tuple[Tensor, Tensor, Tensor]:
+    def _refine(self, features, cand, keep, image_sizes, capacity: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
         """Refine the kept candidates (Algorithm 2) with one pooling launch per step; FPN levels stay those of the
         initial boxes. Returns boxes (R, 4), predicted IoU (R,), predicted IoU before refinement (R,).
 
-        On CUDA the whole refinement is replayed from a CUDA graph (``refine_cuda_graphs`` kept, one per feature
-        shape and bucket of box counts): the boxes are padded to the next power of two (at least 16) by repeating
-        the last one, and the padding is dropped from the results."""
+        On CUDA the whole refinement is replayed from a CUDA graph (at most ``refine_cuda_graphs`` kept, one per
+        feature shape and box count). The boxes are padded, by repeating the last one, to ``capacity`` (the most
+        there can be: images x detections per image) when R <= capacity, else to the next power of two; the
+        padding is dropped from the results."""
         boxes, classes, images = cand["boxes"][keep], cand["classes"][keep], cand["images"][keep]
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[images]
         r = boxes.size(0)
         inputs = [boxes, classes, images, sizes] + list(features)
         if r == 0 or not boxes.is_cuda or self._refine_graphs.max_graphs == 0 or _is_tracing():
             return CUDAGraphCache.eager(self._refine_boxes, inputs)
-        bucket = max(16, 1 << (r - 1).bit_length())
-        pad = torch.arange(bucket, device=boxes.device).clamp_(max=r - 1)
-        inputs[:4] = [t[pad] for t in inputs[:4]]
+        padded = capacity if r <= capacity else 1 << (r - 1).bit_length()
+        if padded > r:
+            pad = torch.arange(padded, device=boxes.device).clamp_(max=r - 1)
+            inputs[:4] = [t[pad] for t in inputs[:4]]
         key = (
             id(self),
             self.refine_step,
@@ -279,9 +290,11 @@ class IoUNetROIHeads(StandardROIHeads):
             tuple(self.iou_pooler.prroi_scales),
             self.iou_pooler.prroi_aligned,
             tuple((p.data_ptr(), p.dtype) for p in self.iou_head.parameters()),
-            self.iou_head.training,
+            torch.is_autocast_enabled("cuda"),
+            torch.get_autocast_dtype("cuda"),
         )
-        return tuple(t[:r] for t in self._refine_graphs(self._refine_boxes, inputs, key))
+        outputs = self._refine_graphs(self._refine_boxes, inputs, key)
+        return tuple(t[:r] for t in outputs) if padded > r else outputs
 
     def _refine_boxes(self, boxes, classes, images, sizes, *features) -> Tuple[Tensor, Tensor, Tensor]:
         """``refine_boxes`` of boxes (R, 4) of ``images`` (R,) with ``sizes`` (R, 2) for ``classes`` (R,), through
@@ -344,10 +357,13 @@ class IoUNetROIHeads(StandardROIHeads):
         return results
 
 
-def _top_per_image(index: Tensor, scores: Tensor, images: Tensor, k: int) -> Tensor:
+def _top_per_image(index: Tensor, scores: Tensor, images: Tensor, k: int, num_images: int = 0) -> Tensor:
     """The entries of ``index`` (M,) with the ``k`` highest ``scores`` (M,) of each image in ``images`` (M,); grouped
-    by image (in image order), by decreasing score within an image (ties keep their input order). k < 0: all."""
+    by image (in image order), by decreasing score within an image (ties keep their input order). k < 0: all.
+    ``num_images`` 1 says every entry is of one image (one sort, no per-image bookkeeping)."""
     order = torch.sort(scores, descending=True, stable=True).indices
+    if num_images == 1:
+        return index[order[:k] if k >= 0 else order]
     order = order[torch.sort(images[order], stable=True).indices]
     if k >= 0:
         sorted_images = images[order]
