@@ -63,6 +63,11 @@ def add_iounet_config(cfg: CN) -> CN:
     # are kept (one per feature shape and bucket of box counts). 0: launch every kernel from Python.
     iou.REFINE.CUDA_GRAPHS = 8
 
+    # On CUDA the IoU branch's matrix multiplications (IoU head forward, and its backward in refinement) use TF32
+    # tensor cores (Ampere and newer), as PyTorch runs cuDNN convolutions by default: IoU prediction and refinement
+    # about twice as fast, predicted IoU within about 1e-3 of IEEE float32. False: IEEE float32.
+    iou.TF32 = True
+
     # Final score of a detection: "cls" (classification score; the cluster max after IoU-guided NMS), "iou"
     # (predicted IoU) or "cls_x_iou".
     iou.SCORE = "cls"

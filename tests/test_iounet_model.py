@@ -293,3 +293,48 @@ def test_prroi_pooler_rois_equal_detectron2_pooler_format():
     box_lists = [Boxes(torch.rand(n, 4, generator=g) * 50) for n in (3, 0, 5)]
     ours = prroi_poolers._pooler_format(box_lists)
     torch.testing.assert_close(ours, convert_boxes_to_pooler_format(box_lists), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_tf32_iou_branch_is_used_close_to_ieee_and_restores_the_setting():
+    cfg = _cfg(device="cuda")
+    cfg.MODEL.IOU_NET.HEAD.FC_DIM = 512
+    model = build_model(cfg).eval()
+    heads = model.roi_heads
+    with torch.no_grad():
+        heads.iou_head.predictor.weight.mul_(30.0)  # spread the predictions over [0, 1]
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 32, 128 // s, 160 // s, generator=g).cuda() for s in (4, 8, 16, 32)]
+    xy = torch.rand(300, 2, generator=g) * 80
+    boxes = torch.cat([xy, xy + 8 + torch.rand(300, 2, generator=g) * 60], dim=1).cuda()
+    images = torch.randint(2, (300,), generator=g).cuda()
+    classes = torch.randint(4, (300,), generator=g).cuda()
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    out = {}
+    for tf32 in (True, False):
+        heads.iou_tf32 = tf32
+        with torch.inference_mode():
+            out[tf32] = heads._predict_ious(features, boxes, images, classes)
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # restored
+    diff = (out[True] - out[False]).abs()
+    assert out[False].std() > 0.1
+    assert diff.max() > 0  # TF32 was used
+    assert diff.max() < 5e-3, float(diff.max())
+
+
+@pytest.mark.cuda
+def test_refinement_of_a_head_not_declared_graph_safe_runs_eagerly():
+    from prroi_d2.modeling import IoUHead
+
+    class Custom(IoUHead):
+        cuda_graph_safe = False
+
+    cfg = _cfg(device="cuda")
+    model = build_model(cfg).eval()
+    head = model.roi_heads.iou_head
+    head.__class__ = Custom
+    batch = _batch(device="cuda", seed=5)
+    with torch.inference_mode():
+        for _ in range(3):
+            outputs = model(batch)
+    assert len(model.roi_heads._refine_graphs) == 0 and len(outputs[0]["instances"]) > 0

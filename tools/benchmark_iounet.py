@@ -535,31 +535,33 @@ def inference_models(setup, with_align=True):
     load_shared(iounet, plain)
     install_level_offsets(iounet, offsets)
     calibrate_iou_head(iounet, inputs)
-    iounet_eager = None
+    variants = {}
     if with_align:
-        cfg = make_cfg(setup, iounet=True)
-        cfg.defrost()
-        cfg.MODEL.IOU_NET.REFINE.CUDA_GRAPHS = 0
-        iounet_eager = build(cfg, False)
-        load_shared(iounet_eager, plain)
-        install_level_offsets(iounet_eager, offsets)
-        iounet_eager.roi_heads.iou_head.load_state_dict(iounet.roi_heads.iou_head.state_dict())
+        for name, key, value in (("eager", "REFINE.CUDA_GRAPHS", 0), ("ieee", "TF32", False)):
+            cfg = make_cfg(setup, iounet=True)
+            cfg.defrost()
+            cfg.merge_from_list([f"MODEL.IOU_NET.{key}", value])
+            variants[name] = build(cfg, False)
+            load_shared(variants[name], plain)
+            install_level_offsets(variants[name], offsets)
+            variants[name].roi_heads.iou_head.load_state_dict(iounet.roi_heads.iou_head.state_dict())
     iounet_align = None
     if with_align:
         iounet_align = build(make_cfg(setup, iounet=True, box_pooler="ROIAlignV2"), False)
         load_shared(iounet_align, plain)
         install_level_offsets(iounet_align, offsets)
         iounet_align.roi_heads.iou_head.load_state_dict(iounet.roi_heads.iou_head.state_dict())
-    return plain, iounet, iounet_align, iounet_eager, inputs, expected
+    return plain, iounet, iounet_align, variants, inputs, expected
 
 
 def section_infer(setup, timer, repeat, warmup, checks):
-    plain, iounet, iounet_align, iounet_eager, inputs, expected = inference_models(setup)
+    plain, iounet, iounet_align, variants, inputs, expected = inference_models(setup)
     models = {
         "plain Faster R-CNN (box head ROIAlignV2)": (plain, False),
         "IoU-Net (PrRoIPoolV2; IoU-guided NMS, refinement T=5)": (iounet, True),
         "IoU-Net, box head ROIAlignV2": (iounet_align, True),
-        "IoU-Net, refinement without CUDA graphs": (iounet_eager, True),
+        "IoU-Net, IoU branch in IEEE float32 (MODEL.IOU_NET.TF32 False)": (variants["ieee"], True),
+        "IoU-Net, refinement without CUDA graphs (REFINE.CUDA_GRAPHS 0)": (variants["eager"], True),
     }
     counts = {name: workload_counts(m, inputs, is_iou) for name, (m, is_iou) in models.items()}
 
@@ -624,16 +626,16 @@ def section_stages(setup, timer, repeat, warmup, checks):
         )
         keep = keep_all[top]
     m, k, r = len(cand["scores"]), len(keep_all), len(keep)
-    tf32_graphs = CUDAGraphCache(1)
 
-    def with_tf32(fn):
+    def ieee(fn):
+        """``fn`` with the IoU branch in IEEE float32 (MODEL.IOU_NET.TF32 False: a graph of its own)."""
+
         def run(*args):
-            saved = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
+            heads.iou_tf32 = False
             try:
                 return fn(*args)
             finally:
-                torch.backends.cuda.matmul.allow_tf32 = saved
+                heads.iou_tf32 = True
 
         return run
 
@@ -679,12 +681,12 @@ def section_stages(setup, timer, repeat, warmup, checks):
         f"IoU-Net _refine of {r} boxes (T={heads.refine_max_iter}), kernels launched from Python": lambda: (
             CUDAGraphCache.eager(heads._refine_boxes, refine_inputs)
         ),
-        "  for comparison: _refine, CUDA graph, TF32 matmuls (not used by the model)": lambda: tf32_graphs(
-            with_tf32(heads._refine_boxes), refine_inputs, "tf32"
+        "  _refine, CUDA graph, IoU branch in IEEE float32 (TF32 False)": ieee(
+            lambda: heads._refine(iou_in, cand, keep, sizes, len(sizes) * topk)
         ),
-        "  for comparison: _predict_ious, TF32 matmuls (not used by the model)": lambda: with_tf32(
-            heads._predict_ious
-        )(iou_in, cand["boxes"], cand["images"], cand["classes"]),
+        "  _predict_ious, IoU branch in IEEE float32 (TF32 False)": ieee(
+            lambda: heads._predict_ious(iou_in, cand["boxes"], cand["images"], cand["classes"])
+        ),
     }
     fns = {name: inference(fn) for name, fn in fns.items()}
     stats = timer.measure(fns, repeat, warmup)
@@ -872,7 +874,8 @@ def main():
     )
     print(
         f"float32; cuDNN TF32 convolutions {torch.backends.cudnn.allow_tf32}, matmul TF32 "
-        f"{torch.backends.cuda.matmul.allow_tf32}, cudnn.benchmark {torch.backends.cudnn.benchmark}; "
+        f"{torch.backends.cuda.matmul.allow_tf32} (IoU-Net's IoU branch: TF32 unless MODEL.IOU_NET.TF32 False), "
+        f"cudnn.benchmark {torch.backends.cudnn.benchmark}; "
         f"{'CUDA events' if timer.cuda else f'wall clock, {torch.get_num_threads()} CPU threads'}, times in ms"
         + ("; --tiny: R18, 192x288, a smoke run, not a benchmark" if args.tiny else "")
     )

@@ -18,7 +18,9 @@ __all__ = ["IOU_HEAD_REGISTRY", "IoUHead", "build_iou_head"]
 IOU_HEAD_REGISTRY = Registry("IOU_HEAD")
 IOU_HEAD_REGISTRY.__doc__ = """
 Registry for IoU heads: modules mapping pooled RoI features (K, C, S, S) to raw IoU outputs (K, num_classes or 1),
-with ``predict_ious(raw, classes) -> (K,)`` in [0, 1] and ``losses(raw, classes, target_ious) -> dict``.
+with ``predict_ious(raw, classes) -> (K,)`` in [0, 1] and ``losses(raw, classes, target_ious) -> dict``. A head whose
+``forward`` and ``predict_ious`` never synchronise with the host and keep no state across calls may set the class
+attribute ``cuda_graph_safe = True``: refinement then replays it from CUDA graphs.
 """
 
 LOSS_TYPES = ("smooth_l1", "bce")
@@ -31,6 +33,8 @@ class IoUHead(nn.Module):
     Outputs are raw: with ``loss_type="smooth_l1"`` they estimate ``2 * IoU - 1`` (smooth-L1 loss), with ``"bce"``
     the logit of IoU (sigmoid + binary cross-entropy). :meth:`predict_ious` maps both to IoU in [0, 1].
     """
+
+    cuda_graph_safe = True  # no host synchronisation, no state across calls: refinement may replay it from graphs
 
     @configurable
     def __init__(

@@ -1,6 +1,7 @@
 """``IoUNetROIHeads``: Detectron2's ``StandardROIHeads`` plus IoU-Net's IoU branch, IoU-guided NMS and refinement."""
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -60,6 +61,7 @@ class IoUNetROIHeads(StandardROIHeads):
         refine_stop_delta: float = 0.001,
         refine_stop_drop: float = -0.01,
         refine_cuda_graphs: int = 8,
+        iou_tf32: bool = True,
         score_mode: str = "cls",
         **kwargs,
     ):
@@ -92,6 +94,7 @@ class IoUNetROIHeads(StandardROIHeads):
         self.refine_stop_delta = refine_stop_delta
         self.refine_stop_drop = refine_stop_drop
         self._refine_graphs = CUDAGraphCache(refine_cuda_graphs)
+        self.iou_tf32 = iou_tf32
         self.score_mode = score_mode
 
     @classmethod
@@ -140,6 +143,7 @@ class IoUNetROIHeads(StandardROIHeads):
             "refine_stop_delta": iou.REFINE.STOP_DELTA,
             "refine_stop_drop": iou.REFINE.STOP_DROP,
             "refine_cuda_graphs": iou.REFINE.CUDA_GRAPHS,
+            "iou_tf32": iou.TF32,
             "score_mode": iou.SCORE,
         }
 
@@ -180,7 +184,9 @@ class IoUNetROIHeads(StandardROIHeads):
                 ious.append(iou)
                 classes.append(cls)
         rois = cat(rois)
-        raw = self.iou_head(pool_rois(self.iou_pooler, [features[f] for f in self.iou_in_features], rois))
+        pooled = pool_rois(self.iou_pooler, [features[f] for f in self.iou_in_features], rois)
+        with _tf32_matmuls(self.iou_tf32 and pooled.is_cuda):
+            raw = self.iou_head(pooled)
         return self.iou_head.losses(raw, cat(classes), cat(ious))
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -259,22 +265,25 @@ class IoUNetROIHeads(StandardROIHeads):
     def _predict_ious(self, features: List[Tensor], boxes: Tensor, images: Tensor, classes: Tensor) -> Tensor:
         """(M,) predicted IoU in [0, 1] of boxes (M, 4) of ``images`` (M,) for ``classes`` (M,)."""
         rois = torch.cat([images.to(boxes.dtype)[:, None], boxes], dim=1)
-        raw = self.iou_head(pool_rois(self.iou_pooler, features, rois))
+        pooled = pool_rois(self.iou_pooler, features, rois)
+        with _tf32_matmuls(self.iou_tf32 and pooled.is_cuda):
+            raw = self.iou_head(pooled)
         return self.iou_head.predict_ious(raw, classes)
 
     def _refine(self, features, cand, keep, image_sizes, capacity: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
         """Refine the kept candidates (Algorithm 2) with one pooling launch per step; FPN levels stay those of the
         initial boxes. Returns boxes (R, 4), predicted IoU (R,), predicted IoU before refinement (R,).
 
-        On CUDA the whole refinement is replayed from a CUDA graph (at most ``refine_cuda_graphs`` kept, one per
-        feature shape and box count). The boxes are padded, by repeating the last one, to ``capacity`` (the most
+        On CUDA, with an IoU head that declares ``cuda_graph_safe``, the whole refinement is replayed from a CUDA
+        graph (at most ``refine_cuda_graphs`` kept, one per feature shape and box count). The boxes are padded, by repeating the last one, to ``capacity`` (the most
         there can be: images x detections per image) when R <= capacity, else to the next power of two; the
         padding is dropped from the results."""
         boxes, classes, images = cand["boxes"][keep], cand["classes"][keep], cand["images"][keep]
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[images]
         r = boxes.size(0)
         inputs = [boxes, classes, images, sizes] + list(features)
-        if r == 0 or not boxes.is_cuda or self._refine_graphs.max_graphs == 0 or _is_tracing():
+        graphs = self._refine_graphs.max_graphs > 0 and getattr(self.iou_head, "cuda_graph_safe", False)
+        if r == 0 or not boxes.is_cuda or not graphs or _is_tracing():
             return CUDAGraphCache.eager(self._refine_boxes, inputs)
         padded = capacity if r <= capacity else 1 << (r - 1).bit_length()
         if padded > r:
@@ -290,6 +299,7 @@ class IoUNetROIHeads(StandardROIHeads):
             tuple(self.iou_pooler.prroi_scales),
             self.iou_pooler.prroi_aligned,
             tuple((p.data_ptr(), p.dtype) for p in self.iou_head.parameters()),
+            self.iou_tf32,
             torch.is_autocast_enabled("cuda"),
             torch.get_autocast_dtype("cuda"),
         )
@@ -309,15 +319,16 @@ class IoUNetROIHeads(StandardROIHeads):
             pooled = pool_levels(features, rois, levels, pooler.output_size, pooler.prroi_scales, pooler.prroi_aligned)
             return self.iou_head.predict_ious(self.iou_head(pooled), classes, clamp=False)
 
-        refined, ious, initial = refine_boxes(
-            boxes,
-            predict,
-            step=self.refine_step,
-            max_iter=self.refine_max_iter,
-            stop_delta=self.refine_stop_delta,
-            stop_drop=self.refine_stop_drop,
-            clip_size=sizes,
-        )
+        with _tf32_matmuls(self.iou_tf32 and boxes.is_cuda):  # the IoU head's backward too
+            refined, ious, initial = refine_boxes(
+                boxes,
+                predict,
+                step=self.refine_step,
+                max_iter=self.refine_max_iter,
+                stop_delta=self.refine_stop_delta,
+                stop_drop=self.refine_stop_drop,
+                clip_size=sizes,
+            )
         return refined, ious.clamp(0.0, 1.0), initial.clamp(0.0, 1.0)
 
     def _score(self, cls_scores: Tensor, ious: Tensor) -> Tensor:
@@ -370,6 +381,21 @@ def _top_per_image(index: Tensor, scores: Tensor, images: Tensor, k: int, num_im
         first = torch.searchsorted(sorted_images, sorted_images, right=False)
         order = order[torch.arange(len(order), device=order.device) - first < k]
     return index[order]
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Inside the block, CUDA float32 matmuls may use TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``,
+    a process-wide setting, restored on exit); nothing changes when ``enabled`` is false."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _is_tracing() -> bool:
