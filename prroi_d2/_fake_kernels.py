@@ -206,3 +206,12 @@ def _prroi_pool2d_levels_backward_fake(
     grad_features = [f.new_empty(f.shape) if features_requires_grad else f.new_empty((0,)) for f in features]
     grad_rois = rois.new_empty((rois.size(0), 5)) if rois_requires_grad else rois.new_empty((0,))
     return grad_features, grad_rois
+
+
+@torch.library.register_fake("prroi_d2::_nms_clusters")
+def _nms_clusters_fake(boxes: Tensor, groups: Tensor, iou_threshold: float):
+    torch._check_value(boxes.dim() == 2 and boxes.size(1) == 4, lambda: "_nms_clusters: boxes must be (N, 4)")
+    torch._check_value(
+        groups.dim() == 1 and groups.size(0) == boxes.size(0), lambda: "_nms_clusters: groups must be (N,)"
+    )
+    return groups.new_empty(groups.shape, dtype=torch.bool), groups.new_empty(groups.shape)

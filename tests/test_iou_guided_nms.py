@@ -1,7 +1,5 @@
 """IoU-guided NMS (Algorithm 1) against a plain loop written here (CPU; CUDA when available)."""
 
-import importlib
-
 import pytest
 import torch
 
@@ -63,15 +61,35 @@ def test_matches_the_paper_loop(device, seed, n, groups, threshold):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_clusters_computed_in_chunks_equal_one_chunk(device, monkeypatch):
-    module = importlib.import_module("prroi_d2.modeling.iou_guided_nms")  # the package's name is the function
+@pytest.mark.parametrize("groups", [1, 37])
+def test_large_inputs_match_the_greedy_op_on_cpu(device, groups):
+    """3000 boxes in 1 or 37 groups (a group's boxes walked by one thread block on CUDA): the same keep and cluster
+    scores as on CPU, and the reference loop agrees on a 400-box subset."""
+    boxes, scores, ious, idxs = _random_case(7, 3000, groups, "cpu")
+    expected = iou_guided_nms(boxes, scores, ious, idxs, 0.5)
+    keep, cluster_scores = iou_guided_nms(*(t.to(device) for t in (boxes, scores, ious, idxs)), 0.5)
+    assert torch.equal(keep.cpu(), expected[0]) and torch.equal(cluster_scores.cpu(), expected[1])
+    assert 100 < len(keep) < 3000
+    sub = [t[:400] for t in (boxes, scores, ious, idxs)]
+    ref_keep, ref_scores = _reference(sub[0].double().tolist(), sub[1].tolist(), sub[2].tolist(), sub[3].tolist(), 0.5)
+    keep, cluster_scores = iou_guided_nms(*(t.to(device) for t in sub), 0.5)
+    assert keep.tolist() == ref_keep
+    torch.testing.assert_close(cluster_scores.cpu(), torch.tensor(ref_scores), rtol=0, atol=0)
 
-    boxes, scores, ious, idxs = _random_case(1, 150, 3, device)
-    whole = iou_guided_nms(boxes, scores, ious, idxs, 0.5)
-    monkeypatch.setattr(module, "_CLUSTER_CHUNK_ELEMENTS", 150 * 7)  # 7 kept boxes per chunk
-    chunked = iou_guided_nms(boxes, scores, ious, idxs, 0.5)
-    assert len(whole[0]) > 14  # several chunks
-    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+@pytest.mark.parametrize(
+    "boxes,groups,threshold,error,match",
+    [
+        (torch.zeros(3, 5), torch.zeros(3, dtype=torch.int64), 0.5, ValueError, "boxes must be"),
+        (torch.zeros(3, 4), torch.zeros(2, dtype=torch.int64), 0.5, ValueError, "groups must be"),
+        (torch.zeros(3, 4), torch.zeros(3), 0.5, TypeError, "groups must be int64"),
+        (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), 0.5, TypeError, "floating"),
+        (torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64), 1.5, ValueError, "iou_threshold"),
+    ],
+)
+def test_greedy_op_names_bad_arguments(boxes, groups, threshold, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.prroi_d2._nms_clusters(boxes, groups, threshold)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -121,3 +139,10 @@ def test_bad_arguments_are_named(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         iou_guided_nms(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_op_passes_opcheck(device):
+    boxes, _, ious, idxs = _random_case(3, 60, 4, device)
+    order = torch.argsort(idxs * 2 + (ious < 0.5).long(), stable=True)
+    torch.library.opcheck(torch.ops.prroi_d2._nms_clusters, (boxes[order], idxs[order].contiguous(), 0.5))

@@ -261,6 +261,10 @@ TORCH_LIBRARY(prroi_d2, m) {
       "_prroi_pool2d_levels_backward(Tensor grad_output, Tensor[] features, Tensor rois, Tensor levels, "
       "int pooled_height, int pooled_width, float[] spatial_scales, bool aligned, bool features_requires_grad, "
       "bool rois_requires_grad) -> (Tensor[], Tensor)");
+  // IoU-guided NMS, the greedy part (prroi_d2.modeling.iou_guided_nms): boxes (N, 4) and groups (N,) int64 in
+  // processing order, each group's boxes contiguous and groups ascending; returns keep (N,) bool and head (N,) int64,
+  // the position of the kept box whose cluster each box joins (its own position when kept).
+  m.def("_nms_clusters(Tensor boxes, Tensor groups, float iou_threshold) -> (Tensor, Tensor)");
   m.def("_cuda_version() -> int", &cuda_version);
   m.def("_cuda_kernel_arch(int device) -> int", &cuda_kernel_arch);
 }

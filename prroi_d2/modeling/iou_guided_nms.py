@@ -4,15 +4,10 @@ give it the highest classification score of its cluster."""
 from typing import Tuple
 
 import torch
-import torchvision
 from torch import Tensor
 
 
 __all__ = ["iou_guided_nms"]
-
-# Entries of the (kept x all) overlap matrix computed at once when assigning boxes to clusters (~16 Mi: a few
-# hundred MiB of temporaries at most; one chunk for a few thousand candidates).
-_CLUSTER_CHUNK_ELEMENTS = 1 << 24
 
 
 def iou_guided_nms(
@@ -39,36 +34,19 @@ def iou_guided_nms(
     n = boxes.size(0)
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores.new_zeros((0,))
-    # A strictly decreasing key in processing order, so torchvision's NMS follows exactly our tie-breaking.
-    order = torch.sort(ious, descending=True, stable=True).indices
-    rank = torch.empty(n, dtype=torch.float32, device=boxes.device)
-    rank[order] = torch.arange(n, 0, -1, dtype=torch.float32, device=boxes.device)
-    # Groups apart: offset each group's boxes beyond every other's (the batched-NMS coordinate trick).
-    boxes_f = boxes.float()
-    low, high = torch.aminmax(boxes_f)
-    shifted = boxes_f + (idxs.to(boxes_f) * (high - low + 1.0))[:, None]
-    keep = torchvision.ops.nms(shifted, rank, iou_threshold)
-
-    # Box j joins the cluster of the first kept box (in keep order) overlapping it above the threshold; that box
-    # precedes j in the ranking, and a kept box is the first of its own cluster. The overlaps are those of the
-    # shifted boxes NMS saw, so boxes of different groups never overlap.
-    m = keep.numel()
-    area = (shifted[:, 2:] - shifted[:, :2]).clamp(min=0).prod(dim=1)
-    cluster = torch.full((n,), m, dtype=torch.int64, device=boxes.device)
-    chunk = max(1, _CLUSTER_CHUNK_ELEMENTS // n)
-    for start in range(0, m, chunk):
-        rows = keep[start : start + chunk]
-        kept = shifted[rows]
-        lt = torch.maximum(kept[:, None, :2], shifted[None, :, :2])
-        rb = torch.minimum(kept[:, None, 2:], shifted[None, :, 2:])
-        inter = (rb - lt).clamp_(min=0).prod(dim=2)
-        hit = inter > iou_threshold * (area[rows][:, None] + area[None, :] - inter)  # IoU > threshold
-        position = torch.arange(start, start + rows.numel(), device=boxes.device)[:, None]
-        cluster = torch.minimum(cluster, torch.where(hit, position, m).amin(dim=0))
-    cluster[keep] = torch.arange(m, device=boxes.device)  # exact even where the two overlap computations round apart
-    cluster_scores = scores.new_full((m + 1,), float("-inf"))
-    cluster_scores = cluster_scores.scatter_reduce(0, cluster, scores, reduce="amax", include_self=True)
-    return keep, cluster_scores[:m]
+    # Processing order: by decreasing predicted IoU (ties: lower index first), then grouped (stable).
+    ranked = torch.sort(ious, descending=True, stable=True).indices
+    groups = idxs.to(torch.int64)[ranked]
+    by_group = torch.sort(groups, stable=True)
+    order = ranked[by_group.indices]
+    # The greedy walk, every group at once (one thread block per group on CUDA): positions in ``order``.
+    kept, head = torch.ops.prroi_d2._nms_clusters(boxes[order], by_group.values, float(iou_threshold))
+    # Back to input indices: kept boxes in the order Algorithm 1 keeps them (the ranking across groups).
+    kept_input = torch.empty_like(kept).scatter_(0, order, kept)
+    keep = ranked[kept_input[ranked]]
+    cluster = torch.empty_like(head).scatter_(0, order, order[head])  # input index of each box's cluster head
+    best = scores.new_full((n,), float("-inf")).scatter_reduce(0, cluster, scores, reduce="amax", include_self=True)
+    return keep, best[keep]
 
 
 def _check_inputs(boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float) -> None:
