@@ -159,7 +159,8 @@ def test_mask_rcnn_with_iounet_trains_and_infers():
     assert inst.has("pred_masks") and inst.pred_masks.shape[1:] == (128, 160) and inst.has("pred_ious")
 
 
-def test_baseline_stage_equals_stock_standard_roi_heads():
+@pytest.mark.parametrize("num_images", [1, 2])
+def test_baseline_stage_equals_stock_standard_roi_heads(num_images):
     cfg = _cfg()
     cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
     model = build_model(cfg).eval()
@@ -169,7 +170,7 @@ def test_baseline_stage_equals_stock_standard_roi_heads():
     stock = build_model(stock_cfg).eval()
     missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(k.startswith("roi_heads.iou_head.") for k in unexpected)
-    batch = _batch(seed=3)
+    batch = _batch(seed=3)[:num_images]
     with torch.no_grad():
         ours = model(batch)
         theirs = stock(batch)

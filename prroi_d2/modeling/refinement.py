@@ -52,8 +52,12 @@ def refine_boxes(
         raise ValueError(f"refine_boxes: clip_size must be (K, 2) = ({boxes.size(0)}, 2), got {tuple(clip_size.shape)}")
     with torch.inference_mode(False), torch.enable_grad():
         current = boxes.detach().clone()
-        limits = None if clip_size is None else clip_size.to(current).flip(1).repeat(1, 2)  # (K, 4): w, h, w, h
-        active = torch.ones(boxes.size(0), dtype=torch.bool, device=boxes.device)
+        k = boxes.size(0)
+        low = high = None
+        if clip_size is not None:  # (K, 4) bounds: 0 and (w, h, w, h)
+            high = clip_size.to(current).flip(1).repeat(1, 2)
+            low = torch.zeros_like(high)
+        active = torch.ones(k, dtype=torch.bool, device=boxes.device)
         best_boxes = current.clone()
         initial = best_ious = previous = None
         for t in range(max_iter + 1):
@@ -73,9 +77,11 @@ def refine_boxes(
             previous = ious
             if last:
                 break
-            size = (current[:, 2:] - current[:, :2]).repeat(1, 2)
-            moved = current + step * grad * size
-            if limits is not None:
-                moved = torch.minimum(moved.clamp(min=0), limits)
+            # b += step * grad * (w, h, w, h), in few kernels (refinement is launch-bound): on (K, 2, 2) views.
+            corners = current.view(k, 2, 2)
+            size = (corners[:, 1] - corners[:, 0])[:, None, :]
+            moved = torch.addcmul(corners, grad.view(k, 2, 2), size, value=step).view(k, 4)
+            if high is not None:
+                moved = torch.clamp(moved, low, high)
             current = torch.where(active[:, None], moved, current)
     return best_boxes, best_ious, initial

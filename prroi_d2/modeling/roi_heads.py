@@ -254,13 +254,19 @@ class IoUNetROIHeads(StandardROIHeads):
         valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
         scores = scores[:, :-1]
         boxes = boxes.view(boxes.size(0), boxes.size(1) // 4, 4)
-        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)[images]  # (R, 2): height, width
-        limits = sizes.flip(1).repeat(1, 2)[:, None, :]
-        boxes = torch.minimum(boxes.clamp(min=0), limits)
-        # One host synchronisation (nonzero); the rest gathers by index.
+        # One host synchronisation (nonzero); the rest gathers by index. Clipping the chosen boxes (a copy) is
+        # clipping them all: what is chosen does not depend on the box coordinates.
         rows, classes = ((scores > self.box_predictor.test_score_thresh) & valid[:, None]).nonzero().unbind(1)
         chosen = boxes[rows, 0] if boxes.size(1) == 1 else boxes[rows, classes]
-        return {"boxes": chosen, "scores": scores[rows, classes], "classes": classes, "images": images[rows]}
+        images = images[rows]
+        if len(image_sizes) == 1:
+            height, width = image_sizes[0]
+            chosen[:, 0::2].clamp_(0, width)
+            chosen[:, 1::2].clamp_(0, height)
+        else:
+            sizes = torch.tensor(image_sizes, dtype=chosen.dtype, device=device)[images]  # (M, 2): height, width
+            chosen = torch.minimum(chosen.clamp(min=0), sizes.flip(1).repeat(1, 2))
+        return {"boxes": chosen, "scores": scores[rows, classes], "classes": classes, "images": images}
 
     def _predict_ious(self, features: List[Tensor], boxes: Tensor, images: Tensor, classes: Tensor) -> Tensor:
         """(M,) predicted IoU in [0, 1] of boxes (M, 4) of ``images`` (M,) for ``classes`` (M,)."""
