@@ -6,7 +6,6 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-
 __all__ = ["iou_guided_nms"]
 
 

@@ -281,9 +281,9 @@ class IoUNetROIHeads(StandardROIHeads):
         initial boxes. Returns boxes (R, 4), predicted IoU (R,), predicted IoU before refinement (R,).
 
         On CUDA, with an IoU head that declares ``cuda_graph_safe``, the whole refinement is replayed from a CUDA
-        graph (at most ``refine_cuda_graphs`` kept, one per feature shape and box count). The boxes are padded, by repeating the last one, to ``capacity`` (the most
-        there can be: images x detections per image) when R <= capacity, else to the next power of two; the
-        padding is dropped from the results."""
+        graph (at most ``refine_cuda_graphs`` kept, one per feature shape and box count). The boxes are padded, by
+        repeating the last one, to ``capacity`` (the most there can be: images x detections per image) when
+        R <= capacity, else to the next power of two; the padding is dropped from the results."""
         boxes, classes, images = cand["boxes"][keep], cand["classes"][keep], cand["images"][keep]
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[images]
         r = boxes.size(0)
