@@ -4,22 +4,7 @@
 Detectron2 (:func:`register_synthetic_datasets`).
 """
 
-from prroi_d2.data.synthetic import (
-    SYNTHETIC_CLASSES,
-    SYNTHETIC_VERSION,
-    default_datasets_root,
-    generate_synthetic_coco,
-    prepare_synthetic_split,
-    register_synthetic_datasets,
-    render_synthetic_image,
-)
+from prroi_d2.data import synthetic
+from prroi_d2.data.synthetic import *  # noqa: F403 - the package re-exports synthetic's public names
 
-__all__ = [
-    "SYNTHETIC_CLASSES",
-    "SYNTHETIC_VERSION",
-    "default_datasets_root",
-    "generate_synthetic_coco",
-    "prepare_synthetic_split",
-    "register_synthetic_datasets",
-    "render_synthetic_image",
-]
+__all__ = list(synthetic.__all__)
