@@ -18,17 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _dataset_paths(name):
     """The COCO json and image root of a registered dataset. A name Detectron2 does not know yet (the synthetic
-    datasets, registered by no import) is registered first with ``prroi_d2.data.register_synthetic_datasets``, when
-    that package is there; names already registered (Detectron2's builtin ones, say) generate nothing."""
+    datasets, registered by no import) is registered first with ``prroi_d2.data.register_synthetic_datasets``; names
+    already registered (Detectron2's builtin ones, say) generate nothing."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     if name not in DatasetCatalog.list():
-        try:
-            from prroi_d2.data import register_synthetic_datasets
-        except ImportError as e:
-            print(f"visualize_refinement: prroi_d2.data.register_synthetic_datasets unavailable ({e})", file=sys.stderr)
-        else:
-            register_synthetic_datasets()
+        from prroi_d2.data import register_synthetic_datasets
+
+        register_synthetic_datasets()
     if name not in DatasetCatalog.list():
         raise SystemExit(f"visualize_refinement: dataset {name!r} is not registered")
     meta = MetadataCatalog.get(name)

@@ -1,4 +1,4 @@
-"""Datasets for IoU-Net jobs (the Detectron2 glue layer: importing it imports Detectron2 through ``synthetic``).
+"""Datasets for IoU-Net jobs (the Detectron2 glue layer; Detectron2 is imported only when a dataset is registered).
 
 ``prroi_d2.data.synthetic`` renders the embedded synthetic COCO-format shapes dataset and registers it with
 Detectron2 (:func:`register_synthetic_datasets`).

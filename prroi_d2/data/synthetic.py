@@ -12,6 +12,7 @@ series here, masks by an exact even-odd scanline test on a 4x supersampled grid,
 fixed summation order), and PNGs are written with uncompressed deflate blocks (no dependence on the zlib build).
 """
 
+import colorsys
 import hashlib
 import json
 import math
@@ -92,11 +93,7 @@ def _uniform(rng, lo, hi, size=None):
 
 def _hsv_to_rgb(h, s, v):
     """One colour, h in turns (any real), s and v in [0, 1]."""
-    h = (h - math.floor(h)) * 6.0
-    i = int(h) % 6
-    f = h - int(h)
-    p, q, t = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
-    return np.array(((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))[i])
+    return np.array(colorsys.hsv_to_rgb(h - math.floor(h), s, v))
 
 
 def _smooth_noise(rng, h, w, cell, shift=0.0):
@@ -337,7 +334,7 @@ def _background(rng, height, width):
     return img + 0.04 * tint
 
 
-def _window(loops, margin, height, width):
+def _window(loops, margin):
     pts = np.concatenate(loops, axis=0)
     x0 = int(math.floor(float(pts[:, 0].min()))) - margin
     y0 = int(math.floor(float(pts[:, 1].min()))) - margin
@@ -367,7 +364,7 @@ def _draw_clutter(rng, img):
     loop = _irregular_ellipse(rng, w / 2.0, h / 2.0, amp=0.2)
     loop = loop + np.array([_uniform(rng, 0.0, width), _uniform(rng, 0.0, height)])
     sigma = _uniform(rng, 1.0, 4.0)
-    win = _window([loop], int(math.ceil(3 * sigma)) + 2, height, width)
+    win = _window([loop], int(math.ceil(3 * sigma)) + 2)
     alpha = _gaussian_blur(_coverage([loop], *win), sigma) * _uniform(rng, 0.3, 0.7)
     colour = _hsv_to_rgb(rng.random(), _uniform(rng, 0.0, 0.25), _uniform(rng, 0.2, 0.9))
     _composite(img, alpha, np.broadcast_to(colour, (win[3], win[2], 3)), win, height, width)
@@ -435,8 +432,8 @@ def render_synthetic_image(seed, split, image_id, image_size=(160, 192)):
         shadow = rng.random() < 0.35
         shadow_sigma = sigma + _uniform(rng, 1.0, 3.0)
         margin = int(math.ceil(3 * (shadow_sigma if shadow else sigma))) + (6 if shadow else 2)
-        win = _window(loops, margin, height, width)
-        tight = _window(loops, 1, height, width)
+        win = _window(loops, margin)
+        tight = _window(loops, 1)
         coverage = np.zeros((win[3], win[2]))
         coverage[margin - 1 : margin - 1 + tight[3], margin - 1 : margin - 1 + tight[2]] = _coverage(loops, *tight)
         if shadow:  # a soft drop shadow: darkens the background next to the object, never part of its box
@@ -636,9 +633,7 @@ def register_synthetic_datasets(root=None, num_train=400, num_val=100, prefix="i
             if existing != json_path:
                 raise ValueError(f"dataset {name!r} is already registered with json_file={existing!r}")
         else:
-            with open(json_path, encoding="utf-8") as f:
-                categories = sorted(json.load(f)["categories"], key=lambda c: c["id"])
-            meta = {"thing_classes": [c["name"] for c in categories]}
+            meta = {"thing_classes": list(SYNTHETIC_CLASSES)}  # the json's categories, ids 1..K in this order
             register_coco_instances(name, meta, json_path, os.path.join(data_root, split))
         registered[name] = json_path
     return registered

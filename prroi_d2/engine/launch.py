@@ -8,11 +8,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import defaults
 from detectron2.engine import launch as detectron2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
 __all__ = ["launch"]
-
-DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
 def launch(

@@ -9,7 +9,6 @@ the matched ground truth, before and after refinement.
 """
 
 import contextlib
-import copy
 import io
 import itertools
 import json
@@ -79,12 +78,12 @@ def _vector(values) -> list:
     return torch.as_tensor(values).detach().to("cpu").reshape(-1).tolist()
 
 
-def instances_to_records(instances, image_id, contiguous_to_dataset_id=None) -> list:
+def instances_to_records(instances, image_id) -> list:
     """One COCO results record per detection of ``instances`` (an ``Instances`` with XYXY_ABS ``pred_boxes``).
 
     Each record has ``image_id, category_id, bbox [x, y, w, h], score``, plus ``iou`` (``pred_ious``) and
     ``bbox_initial`` / ``iou_initial`` (``pred_boxes_initial`` / ``pred_ious_initial``) where the instances have them.
-    ``contiguous_to_dataset_id`` maps the contiguous class ids 0..K-1 to the dataset's category ids.
+    ``category_id`` is the contiguous class id; :class:`IoUNetEvaluator` maps it to the dataset's ids.
     """
     num = len(instances)
     if num == 0:
@@ -93,14 +92,7 @@ def instances_to_records(instances, image_id, contiguous_to_dataset_id=None) -> 
         "bbox": _xyxy_to_xywh(_box_array(instances.pred_boxes)).tolist(),
         "score": _vector(instances.scores),
     }
-    classes = [int(c) for c in _vector(instances.pred_classes)]
-    if contiguous_to_dataset_id is not None:
-        num_classes = len(contiguous_to_dataset_id)
-        for c in classes:
-            if not 0 <= c < num_classes:
-                raise ValueError(f"a prediction has class {c}, but the dataset has {num_classes} classes")
-        classes = [contiguous_to_dataset_id[c] for c in classes]
-    columns["category_id"] = classes
+    columns["category_id"] = [int(c) for c in _vector(instances.pred_classes)]
     if instances.has("pred_ious"):
         columns["iou"] = _vector(instances.pred_ious)
     if instances.has("pred_boxes_initial"):
@@ -158,8 +150,8 @@ def coco_stage_evaluation(coco_gt: COCO, records, img_ids=None, max_dets_per_ima
     if len(records) == 0:
         logger.warning("No detections to evaluate: every AP is reported as 0.")
         return _empty_evaluation()
-    # loadRes writes area/id/segmentation into the records it gets: give it copies.
-    coco_dt = _quiet(coco_gt.loadRes, copy.deepcopy(list(records)))
+    # loadRes writes area/id/segmentation/iscrowd into the records it gets (top-level keys only): give it copies.
+    coco_dt = _quiet(coco_gt.loadRes, [dict(r) for r in records])
     coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
     if img_ids is not None:
         coco_eval.params.imgIds = sorted(img_ids)
@@ -247,7 +239,7 @@ def match_to_ground_truth(coco_gt: COCO, records, box_key="bbox", iou_key=None, 
     ``box_key="bbox_initial"``; records without ``box_key`` or ``iou_key`` are skipped.
     """
     if iou_key is None:
-        iou_key = "iou" if box_key == "bbox" else box_key.replace("bbox", "iou")
+        iou_key = box_key.replace("bbox", "iou")
     usable = [r for r in records if box_key in r and iou_key in r]
     true_iou = best_ground_truth_iou(coco_gt, usable, box_key=box_key)
     pred_iou = np.asarray([r[iou_key] for r in usable], dtype=np.float64)
@@ -438,7 +430,7 @@ class IoUNetEvaluator(DatasetEvaluator):
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             stages = OrderedDict(
-                (name, instances_to_records(inst.to("cpu"), inp["image_id"]))
+                (name, instances_to_records(inst, inp["image_id"]))  # reads only the fields it needs
                 for name, inst in self._stage_instances(out).items()
             )
             self._predictions.append({"image_id": inp["image_id"], "stages": stages})
@@ -499,9 +491,10 @@ class IoUNetEvaluator(DatasetEvaluator):
 
         results = OrderedDict()
         curves = OrderedDict()
+        if self._output_dir:
+            PathManager.mkdirs(self._output_dir)
         for name, stage_records in records.items():
             if self._output_dir:
-                PathManager.mkdirs(self._output_dir)
                 path = os.path.join(self._output_dir, f"coco_instances_results_{name}.json")
                 with PathManager.open(path, "w") as f:
                     json.dump(stage_records, f)
@@ -518,7 +511,7 @@ class IoUNetEvaluator(DatasetEvaluator):
             logger.info("IoU-Net stages on %s:\n%s", self._dataset_name, table)
         else:
             print(f"IoU-Net stages on {self._dataset_name}:\n{table}")
-        return copy.deepcopy(results)
+        return results
 
     def _localization(self, coco_gt, records):
         """Pearson r of predicted vs true IoU (matches with IoU >= 0.5) per stage, and before/after refinement for
@@ -556,7 +549,6 @@ class IoUNetEvaluator(DatasetEvaluator):
 
     def _write_reports(self, results, curves, histogram, table):
         out = self._output_dir
-        PathManager.mkdirs(out)
         summary = OrderedDict((name, metrics) for name, metrics in _stage_rows(results))
         loc = results["localization"]
         summary["iou_pearson"] = loc.get("iou_pearson", float("nan"))

@@ -12,6 +12,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from prroi_d2.evaluation.iounet_evaluator import _new_figure
+
 __all__ = ["draw_refinement_examples", "select_examples"]
 
 logger = logging.getLogger(__name__)
@@ -70,8 +72,6 @@ def draw_refinement_examples(
     ``results_json``/``coco_json`` are paths (or the loaded list/dict). Writes one PNG per image into ``output_dir``
     and returns their paths.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     records = _load_json(results_json)
@@ -92,8 +92,7 @@ def draw_refinement_examples(
         )
         h, w = image.shape[:2]
         scale = 8.0 / max(w, h)
-        fig = Figure(figsize=(max(w * scale, 2.0), max(h * scale, 2.0)))
-        FigureCanvasAgg(fig)
+        fig = _new_figure(max(w * scale, 2.0), max(h * scale, 2.0))
         ax = fig.add_axes([0, 0, 1, 1])
         ax.imshow(image)
         ax.set_xlim(0, w)
