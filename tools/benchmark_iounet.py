@@ -525,9 +525,10 @@ def section_train(setup, timer, repeat, warmup, checks):
     return header, rows, {}
 
 
-def inference_models(setup, with_align=True):
-    """Plain (made realistic), IoU-Net and (with_align) IoU-Net with a ROIAlignV2 box head, all with the plain
-    model's weights (the two IoU heads calibrated alike); the inputs; the candidates per image calibration expects."""
+def inference_models(setup, with_variants=True):
+    """Plain (made realistic), IoU-Net and (with_variants) the IoU-Net variants {"align": ROIAlignV2 box head,
+    "eager": REFINE.CUDA_GRAPHS 0, "ieee": TF32 False}, all with the plain model's weights (every IoU head calibrated
+    alike); the inputs; the candidates per image calibration expects."""
     plain = build(make_cfg(setup, iounet=False), False)
     inputs = make_inputs(setup, 1, with_gt=False, seed=2)
     expected, offsets = make_realistic(plain, inputs, setup.candidates)
@@ -536,30 +537,28 @@ def inference_models(setup, with_align=True):
     install_level_offsets(iounet, offsets)
     calibrate_iou_head(iounet, inputs)
     variants = {}
-    if with_align:
-        for name, key, value in (("eager", "REFINE.CUDA_GRAPHS", 0), ("ieee", "TF32", False)):
-            cfg = make_cfg(setup, iounet=True)
-            cfg.defrost()
-            cfg.merge_from_list([f"MODEL.IOU_NET.{key}", value])
-            variants[name] = build(cfg, False)
-            load_shared(variants[name], plain)
-            install_level_offsets(variants[name], offsets)
-            variants[name].roi_heads.iou_head.load_state_dict(iounet.roi_heads.iou_head.state_dict())
-    iounet_align = None
-    if with_align:
-        iounet_align = build(make_cfg(setup, iounet=True, box_pooler="ROIAlignV2"), False)
-        load_shared(iounet_align, plain)
-        install_level_offsets(iounet_align, offsets)
-        iounet_align.roi_heads.iou_head.load_state_dict(iounet.roi_heads.iou_head.state_dict())
-    return plain, iounet, iounet_align, variants, inputs, expected
+    options = {
+        "align": ("ROIAlignV2", []),
+        "eager": (None, ["MODEL.IOU_NET.REFINE.CUDA_GRAPHS", 0]),
+        "ieee": (None, ["MODEL.IOU_NET.TF32", False]),
+    }
+    for name, (box_pooler, opts) in options.items() if with_variants else ():
+        cfg = make_cfg(setup, iounet=True, box_pooler=box_pooler)
+        cfg.defrost()
+        cfg.merge_from_list(opts)
+        variants[name] = build(cfg, False)
+        load_shared(variants[name], plain)
+        install_level_offsets(variants[name], offsets)
+        variants[name].roi_heads.iou_head.load_state_dict(iounet.roi_heads.iou_head.state_dict())
+    return plain, iounet, variants, inputs, expected
 
 
 def section_infer(setup, timer, repeat, warmup, checks):
-    plain, iounet, iounet_align, variants, inputs, expected = inference_models(setup)
+    plain, iounet, variants, inputs, expected = inference_models(setup)
     models = {
         "plain Faster R-CNN (box head ROIAlignV2)": (plain, False),
         "IoU-Net (PrRoIPoolV2; IoU-guided NMS, refinement T=5)": (iounet, True),
-        "IoU-Net, box head ROIAlignV2": (iounet_align, True),
+        "IoU-Net, box head ROIAlignV2": (variants["align"], True),
         "IoU-Net, IoU branch in IEEE float32 (MODEL.IOU_NET.TF32 False)": (variants["ieee"], True),
         "IoU-Net, refinement without CUDA graphs (REFINE.CUDA_GRAPHS 0)": (variants["eager"], True),
     }
@@ -576,13 +575,14 @@ def section_infer(setup, timer, repeat, warmup, checks):
     stats = timer.measure(fns, repeat, warmup)
     peaks = {name: timer.peak_mib(fn) for name, fn in fns.items()}
     names = list(models)
+    offsets = plain.proposal_generator.rpn_head._benchmark_level_offsets
     header = [
         f"Inference latency, batch 1, {setup.height}x{setup.width}, torch.inference_mode(), "
         f"{plain.roi_heads.box_predictor.test_topk_per_image} detections per image, R"
         f"{'18' if setup.tiny else '50'}-FPN, random weights; ratio = median / plain",
         "Workload: random weights rescaled layer by layer on this image (make_realistic: FPN outputs std 1, RPN "
         "objectness std 2 plus a per-level offset (a forward hook, "
-        f"{'/'.join(f'{o:.2f}' for o in plain.proposal_generator.rpn_head._benchmark_level_offsets)} on P2-P6) so "
+        f"{'/'.join(f'{o:.2f}' for o in offsets)} on P2-P6) so "
         "every level proposes, RPN deltas std 0.2, box deltas std 1, class logits std 2, predicted IoU "
         "0.7 +- 0.15), the same weights in every model, background bias set for ~"
         f"{setup.candidates} (proposal, class) candidates above score "
@@ -599,12 +599,11 @@ def section_infer(setup, timer, repeat, warmup, checks):
     ref = stats[names[0]]
     rows = [row(n, stats[n], peaks[n], ref) for n in names]
     checks.append(("infer: IoU-Net / plain Faster R-CNN, batch 1", rows[1]["ratio"], 1.10))
-    offsets = plain.proposal_generator.rpn_head._benchmark_level_offsets
     return header, rows, {"workload": counts, "expected_candidates": expected, "rpn_level_offsets": offsets}
 
 
 def section_stages(setup, timer, repeat, warmup, checks):
-    plain, iounet, _, _, inputs, _ = inference_models(setup, with_align=False)
+    plain, iounet, _, inputs, _ = inference_models(setup, with_variants=False)
     heads, plain_heads = iounet.roi_heads, plain.roi_heads
     c = box_head_outputs(iounet, inputs)
     images, features, proposals = c["images"], c["features"], c["proposals"]
@@ -652,55 +651,71 @@ def section_stages(setup, timer, repeat, warmup, checks):
     def box_head(h):
         return lambda: h.box_predictor(h.box_head(h.box_pooler(box_in, proposal_boxes)))
 
-    fns = {
-        "backbone (ResNet-FPN)": lambda: iounet.backbone(images.tensor),
-        "RPN": lambda: iounet.proposal_generator(images, features, None),
-        f"box head (pool + FCs + predictor), ROIAlignV2, {len(proposals[0])} proposals": box_head(plain_heads),
-        "box head (pool + FCs + predictor), PrRoIPoolV2": box_head(heads),
-        "ROI heads whole: StandardROIHeads (ROIAlignV2)": lambda: plain_heads(images, features, proposals),
-        "ROI heads whole: IoUNetROIHeads (PrRoIPoolV2)": lambda: heads(images, features, proposals),
-        "Detectron2 fast_rcnn_inference (threshold + NMS + top-k)": lambda: fast_rcnn_inference(
-            c["boxes"], c["probs"], sizes, predictor.test_score_thresh, predictor.test_nms_thresh, topk
+    refine_graph = lambda: heads._refine(iou_in, cand, keep, sizes, len(sizes) * topk)  # noqa: E731
+    predict = lambda: heads._predict_ious(iou_in, cand["boxes"], cand["images"], cand["classes"])  # noqa: E731
+    t = heads.refine_max_iter
+    spec = {  # key: (row label, callable)
+        "backbone": ("backbone (ResNet-FPN)", lambda: iounet.backbone(images.tensor)),
+        "rpn": ("RPN", lambda: iounet.proposal_generator(images, features, None)),
+        "box_align": (
+            f"box head (pool + FCs + predictor), ROIAlignV2, {len(proposals[0])} proposals",
+            box_head(plain_heads),
         ),
-        f"Detectron2 batched_nms of the {m} candidates": lambda: batched_nms(
-            cand["boxes"], cand["scores"], groups, predictor.test_nms_thresh
+        "box_prroi": ("box head (pool + FCs + predictor), PrRoIPoolV2", box_head(heads)),
+        "heads_std": (
+            "ROI heads whole: StandardROIHeads (ROIAlignV2)",
+            lambda: plain_heads(images, features, proposals),
         ),
-        "IoU-Net _candidates (score threshold)": lambda: heads._candidates(c["boxes"], c["probs"], sizes),
-        f"IoU-Net _predict_ious of {m} candidates (pool + IoU head)": lambda: heads._predict_ious(
-            iou_in, cand["boxes"], cand["images"], cand["classes"]
+        "heads_iou": ("ROI heads whole: IoUNetROIHeads (PrRoIPoolV2)", lambda: heads(images, features, proposals)),
+        "fast_rcnn": (
+            "Detectron2 fast_rcnn_inference (threshold + NMS + top-k)",
+            lambda: fast_rcnn_inference(
+                c["boxes"], c["probs"], sizes, predictor.test_score_thresh, predictor.test_nms_thresh, topk
+            ),
         ),
-        f"IoU-Net iou_guided_nms ({m} -> {k})": lambda: iou_guided_nms(
-            cand["boxes"], cand["scores"], cand["ious"], groups, heads.iou_nms_thresh
+        "batched_nms": (
+            f"Detectron2 batched_nms of the {m} candidates",
+            lambda: batched_nms(cand["boxes"], cand["scores"], groups, predictor.test_nms_thresh),
         ),
-        f"IoU-Net _top_per_image ({k} -> {r})": lambda: _top_per_image(
-            torch.arange(k, device=keep_all.device), cluster_scores, cand["images"][keep_all], topk, len(sizes)
+        "candidates": (
+            "IoU-Net _candidates (score threshold)",
+            lambda: heads._candidates(c["boxes"], c["probs"], sizes),
         ),
-        f"IoU-Net _refine of {r} boxes (T={heads.refine_max_iter}), CUDA graph": lambda: heads._refine(
-            iou_in, cand, keep, sizes, len(sizes) * topk
+        "predict": (f"IoU-Net _predict_ious of {m} candidates (pool + IoU head)", predict),
+        "iou_nms": (
+            f"IoU-Net iou_guided_nms ({m} -> {k})",
+            lambda: iou_guided_nms(cand["boxes"], cand["scores"], cand["ious"], groups, heads.iou_nms_thresh),
         ),
-        f"IoU-Net _refine of {r} boxes (T={heads.refine_max_iter}), kernels launched from Python": lambda: (
-            CUDAGraphCache.eager(heads._refine_boxes, refine_inputs)
+        "topk": (
+            f"IoU-Net _top_per_image ({k} -> {r})",
+            lambda: _top_per_image(
+                torch.arange(k, device=keep_all.device), cluster_scores, cand["images"][keep_all], topk, len(sizes)
+            ),
         ),
-        "  _refine, CUDA graph, IoU branch in IEEE float32 (TF32 False)": ieee(
-            lambda: heads._refine(iou_in, cand, keep, sizes, len(sizes) * topk)
+        "refine": (f"IoU-Net _refine of {r} boxes (T={t}), CUDA graph", refine_graph),
+        "refine_eager": (
+            f"IoU-Net _refine of {r} boxes (T={t}), kernels launched from Python",
+            lambda: CUDAGraphCache.eager(heads._refine_boxes, refine_inputs),
         ),
-        "  _predict_ious, IoU branch in IEEE float32 (TF32 False)": ieee(
-            lambda: heads._predict_ious(iou_in, cand["boxes"], cand["images"], cand["classes"])
-        ),
+        "refine_ieee": ("  _refine, CUDA graph, IoU branch in IEEE float32 (TF32 False)", ieee(refine_graph)),
+        "predict_ieee": ("  _predict_ious, IoU branch in IEEE float32 (TF32 False)", ieee(predict)),
     }
-    fns = {name: inference(fn) for name, fn in fns.items()}
+    fns = {label: inference(fn) for label, fn in spec.values()}
     stats = timer.measure(fns, repeat, warmup)
     names = list(fns)
     ref_of = {
-        names[3]: names[2],
-        names[5]: names[4],
-        names[10]: names[7],
-        names[13]: names[12],
-        names[14]: names[12],
-        names[15]: names[9],
+        spec[a][0]: spec[b][0]
+        for a, b in (
+            ("box_prroi", "box_align"),
+            ("heads_iou", "heads_std"),
+            ("iou_nms", "batched_nms"),
+            ("refine_eager", "refine"),
+            ("refine_ieee", "refine"),
+            ("predict_ieee", "predict"),
+        )
     }
     rows = [row(n, stats[n], ref=stats[ref_of[n]] if n in ref_of else None) for n in names]
-    iou_stages = names[8:13]  # candidates, IoU prediction, IoU-guided NMS, top-k, refinement (CUDA graph)
+    iou_stages = [spec[key][0] for key in ("candidates", "predict", "iou_nms", "topk", "refine")]
     total = sum(stats[n]["median"] for n in iou_stages)
     fake = {"median": total, "p10": float("nan"), "p90": float("nan")}
     rows.append(
@@ -741,7 +756,7 @@ def section_pool(setup, timer, repeat, warmup, checks):
     prroi = poolers["PrRoIPoolV2"]
     # AMP: autocast float16 on CUDA; on CPU (smoke runs) autocast bfloat16, which the CPU kernels take.
     amp_device, amp_dtype = ("cuda", torch.float16) if timer.cuda else ("cpu", torch.bfloat16)
-    rows, extra = [], {}
+    rows = []
 
     def direct(feats, box_lists):
         """The op on 16-bit features and float32 rois as they are (what the PrRoIPooler could call under AMP)."""
@@ -802,7 +817,7 @@ def section_pool(setup, timer, repeat, warmup, checks):
         "features requiring grad for forward + backward; ratio = median / ROIAlignV2 of the same line"
         + ("" if timer.cuda else "; AMP on CPU: autocast bfloat16"),
     ]
-    return header, rows, extra
+    return header, rows, {}
 
 
 # --------------------------------------------------------------------------------------------------------------------
