@@ -57,11 +57,14 @@ def sample_uniform_over_bins(
     valid = (bins >= 0) & (bins < num_bins)
     keys = torch.rand(bins.shape, generator=generator, device=device, dtype=torch.float64)
     order = torch.argsort(torch.where(valid, bins.to(torch.float64), float(num_bins)) + keys)
-    counts = torch.bincount(bins[valid], minlength=num_bins)[:num_bins]
+    # Members per bin, without a host sync (bincount of a masked selection needs two): invalid entries go to an
+    # extra bin that is dropped.
+    counts = torch.zeros(num_bins + 1, dtype=torch.int64, device=device)
+    counts = counts.index_add_(0, torch.where(valid, bins, num_bins), torch.ones_like(bins))[:num_bins]
     starts = torch.cumsum(counts, 0) - counts
     quota = torch.full((num_bins,), num_samples // num_bins, dtype=torch.int64, device=device)
     quota[: num_samples % num_bins] += 1
-    slot_bin = torch.repeat_interleave(torch.arange(num_bins, device=device), quota)
+    slot_bin = torch.repeat_interleave(torch.arange(num_bins, device=device), quota, output_size=num_samples)
     slot_rank = torch.arange(num_samples, device=device) - (torch.cumsum(quota, 0) - quota)[slot_bin]
     filled = counts[slot_bin] > 0
     position = starts[slot_bin] + slot_rank % counts[slot_bin].clamp(min=1)
@@ -102,15 +105,17 @@ def sample_jittered_boxes(
             "sample_jittered_boxes: need num_bins >= 1, 0 <= min_iou < 1, max_shift >= 0, max_scale >= 1, "
             f"candidates_per_sample >= 1; got {num_bins}, {min_iou}, {max_shift}, {max_scale}, {candidates_per_sample}"
         )
-    device, dtype = gt_boxes.device, gt_boxes.dtype
+    device = gt_boxes.device
     g = gt_boxes.size(0)
     if g == 0 or num_samples <= 0:
         return gt_boxes.new_zeros((0, 4)), gt_boxes.new_zeros((0,)), torch.zeros(0, dtype=torch.int64, device=device)
     per_box = max(1, math.ceil(num_samples * candidates_per_sample / g))
     candidates = jitter_boxes(gt_boxes, per_box, max_shift, max_scale, generator)  # (G, P, 4)
     height, width = image_size
-    limits = torch.tensor([width, height, width, height], dtype=dtype, device=device)
-    candidates = torch.minimum(candidates.clamp(min=0), limits).reshape(-1, 4)
+    candidates = candidates.clamp(min=0)
+    candidates[..., 0::2].clamp_(max=width)  # scalar bounds: no host-to-device copy
+    candidates[..., 1::2].clamp_(max=height)
+    candidates = candidates.reshape(-1, 4)
     source = torch.arange(g, device=device).repeat_interleave(per_box)
 
     iou = box_iou(candidates, gt_boxes)  # (G * P, G)

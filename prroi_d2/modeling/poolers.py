@@ -35,7 +35,7 @@ from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes
 from torch import Tensor, nn
 
-from prroi_d2.functional import assign_fpn_levels, prroi_pool2d
+from prroi_d2.functional import assign_fpn_levels, boxes_to_rois, prroi_pool2d
 from prroi_d2.modules import PrRoIPool
 
 __all__ = [
@@ -213,7 +213,8 @@ class PrRoIPooler(ROIPooler):
             raise ValueError(f"ROIPooler got {len(box_lists)} box lists for a batch of {x[0].size(0)} images")
         if len(box_lists) == 0:
             return torch.zeros((0, x[0].shape[1]) + self.output_size, device=x[0].device, dtype=x[0].dtype)
-        rois = _pooler_format(box_lists)
+        # Detectron2's convert_boxes_to_pooler_format, without its host sync (the host knows the lists' lengths).
+        rois = boxes_to_rois([b.tensor for b in box_lists])
         if len(self.level_poolers) == 1:
             levels = torch.zeros(rois.size(0), dtype=torch.int64, device=rois.device)
         else:
@@ -227,16 +228,6 @@ class PrRoIPooler(ROIPooler):
         if len(self.level_poolers) == 1:
             return torch.zeros(rois.size(0), dtype=torch.int64, device=rois.device)
         return assign_fpn_levels(rois, self.prroi_scales, self.canonical_box_size, self.canonical_level)
-
-
-def _pooler_format(box_lists: List[Boxes]) -> Tensor:
-    """Detectron2's ``convert_boxes_to_pooler_format`` (rois (K, 5): image index, x0, y0, x1, y1) without its host
-    synchronisation: the image indices are filled per image from the lists' lengths, which the host knows."""
-    boxes = torch.cat([b.tensor for b in box_lists])
-    index: List[Tensor] = []
-    for i, b in enumerate(box_lists):
-        index.append(torch.full((len(b), 1), float(i), dtype=boxes.dtype, device=boxes.device))
-    return torch.cat([torch.cat(index), boxes], dim=1)
 
 
 def pool_rois(pooler: ROIPooler, x: List[Tensor], rois: Tensor) -> Tensor:
