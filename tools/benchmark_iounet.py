@@ -638,8 +638,9 @@ def section_stages(setup, timer, repeat, warmup, checks):
 
         return run
 
-    refine_inputs = [cand[n][keep] for n in ("boxes", "classes", "images")]
-    refine_inputs += [torch.tensor(sizes, dtype=torch.float32, device=keep.device)[refine_inputs[2]]] + iou_in
+    kept = {n: cand[n][keep] for n in ("boxes", "classes", "images")}
+    refine_inputs = [kept["boxes"], kept["classes"], kept["images"]]
+    refine_inputs += [torch.tensor(sizes, dtype=torch.float32, device=keep.device)[kept["images"]]] + iou_in
 
     def inference(fn):
         def run():
@@ -651,7 +652,7 @@ def section_stages(setup, timer, repeat, warmup, checks):
     def box_head(h):
         return lambda: h.box_predictor(h.box_head(h.box_pooler(box_in, proposal_boxes)))
 
-    refine_graph = lambda: heads._refine(iou_in, cand, keep, sizes, len(sizes) * topk)  # noqa: E731
+    refine_graph = lambda: heads._refine(iou_in, kept, sizes, len(sizes) * topk)  # noqa: E731
     predict = lambda: heads._predict_ious(iou_in, cand["boxes"], cand["images"], cand["classes"])  # noqa: E731
     t = heads.refine_max_iter
     spec = {  # key: (row label, callable)

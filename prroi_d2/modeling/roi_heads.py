@@ -234,11 +234,11 @@ class IoUNetROIHeads(StandardROIHeads):
                 stages["iou_nms"] = self._to_instances(cand, keep, scores, image_sizes)
         if self.refine_enabled:
             capacity = num_images * topk if topk > 0 else 0
-            boxes, ious, initial = self._refine(iou_features, cand, keep, image_sizes, capacity)
-            refined = {"boxes": boxes, "ious": ious, "classes": cand["classes"][keep], "images": cand["images"][keep]}
-            extra = {"pred_boxes_initial": Boxes(cand["boxes"][keep]), "pred_ious_initial": initial}
-            index = torch.arange(len(keep), device=keep.device)
-            stages["refined"] = self._to_instances(refined, index, self._score(cls_scores, ious), image_sizes, extra)
+            kept = {name: cand[name][keep] for name in ("boxes", "classes", "images")}
+            boxes, ious, initial = self._refine(iou_features, kept, image_sizes, capacity)
+            refined = {"boxes": boxes, "ious": ious, "classes": kept["classes"], "images": kept["images"]}
+            extra = {"pred_boxes_initial": Boxes(kept["boxes"]), "pred_ious_initial": initial}
+            stages["refined"] = self._to_instances(refined, None, self._score(cls_scores, ious), image_sizes, extra)
         final = self.forward_with_given_boxes(features, stages[last])
         if not self.output_stages:
             return final, {}
@@ -264,7 +264,7 @@ class IoUNetROIHeads(StandardROIHeads):
             chosen[:, 0::2].clamp_(0, width)
             chosen[:, 1::2].clamp_(0, height)
         else:
-            sizes = torch.tensor(image_sizes, dtype=chosen.dtype, device=device)[images]  # (M, 2): height, width
+            sizes = _sizes_of(images, image_sizes, chosen.dtype)
             chosen = torch.minimum(chosen.clamp(min=0), sizes.flip(1).repeat(1, 2))
         return {"boxes": chosen, "scores": scores[rows, classes], "classes": classes, "images": images}
 
@@ -276,16 +276,17 @@ class IoUNetROIHeads(StandardROIHeads):
             raw = self.iou_head(pooled)
         return self.iou_head.predict_ious(raw, classes)
 
-    def _refine(self, features, cand, keep, image_sizes, capacity: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
-        """Refine the kept candidates (Algorithm 2) with one pooling launch per step; FPN levels stay those of the
-        initial boxes. Returns boxes (R, 4), predicted IoU (R,), predicted IoU before refinement (R,).
+    def _refine(self, features, kept, image_sizes, capacity: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+        """Refine the kept detections ``kept`` (``boxes`` (R, 4), ``classes`` (R,), ``images`` (R,)) by Algorithm 2
+        with one pooling launch per step; FPN levels stay those of the initial boxes. Returns boxes (R, 4), predicted
+        IoU (R,), predicted IoU before refinement (R,).
 
         On CUDA, with an IoU head that declares ``cuda_graph_safe``, the whole refinement is replayed from a CUDA
         graph (at most ``refine_cuda_graphs`` kept, one per feature shape and box count). The boxes are padded, by
         repeating the last one, to ``capacity`` (the most there can be: images x detections per image) when
         R <= capacity, else to the next power of two; the padding is dropped from the results."""
-        boxes, classes, images = cand["boxes"][keep], cand["classes"][keep], cand["images"][keep]
-        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[images]
+        boxes, classes, images = kept["boxes"], kept["classes"], kept["images"]
+        sizes = _sizes_of(images, image_sizes, boxes.dtype)
         r = boxes.size(0)
         inputs = [boxes, classes, images, sizes] + list(features)
         graphs = self._refine_graphs.max_graphs > 0 and getattr(self.iou_head, "cuda_graph_safe", False)
@@ -296,7 +297,6 @@ class IoUNetROIHeads(StandardROIHeads):
             pad = torch.arange(padded, device=boxes.device).clamp_(max=r - 1)
             inputs[:4] = [t[pad] for t in inputs[:4]]
         key = (
-            id(self),
             self.refine_step,
             self.refine_max_iter,
             self.refine_stop_delta,
@@ -347,21 +347,29 @@ class IoUNetROIHeads(StandardROIHeads):
     @staticmethod
     def _to_instances(
         dets: Dict[str, Tensor],
-        index: Tensor,
+        index: Optional[Tensor],
         scores: Tensor,
         image_sizes: List[Tuple[int, int]],
         extra: Optional[Dict[str, object]] = None,
     ) -> List[Instances]:
-        """Per-image ``Instances`` of the detections ``dets[...][index]`` with ``scores`` (len(index),); ``index``
-        must list each image's detections together, images in order (one host synchronisation to split them)."""
-        images = dets["images"][index]
-        counts = torch.bincount(images, minlength=len(image_sizes)).tolist()
+        """Per-image ``Instances`` of the detections ``dets[...][index]`` (``index`` None: ``dets`` as they are) with
+        ``scores``; the detections must list each image's together, images in order (one host synchronisation to
+        split them, none for one image)."""
+
+        def pick(key: str) -> Tensor:
+            return dets[key] if index is None else dets[key][index]
+
         fields = {
-            "pred_boxes": dets["boxes"][index],
+            "pred_boxes": pick("boxes"),
             "scores": scores,
-            "pred_classes": dets["classes"][index],
-            "pred_ious": dets["ious"][index],
+            "pred_classes": pick("classes"),
+            "pred_ious": pick("ious"),
         }
+        images = pick("images")
+        if len(image_sizes) == 1:
+            counts = [images.numel()]
+        else:
+            counts = torch.bincount(images, minlength=len(image_sizes)).tolist()
         for name, value in (extra or {}).items():
             fields[name] = value.tensor if isinstance(value, Boxes) else value
         split = {name: value.split(counts) for name, value in fields.items()}
@@ -402,6 +410,16 @@ def _tf32_matmuls(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _sizes_of(images: Tensor, image_sizes: List[Tuple[int, int]], dtype: torch.dtype) -> Tensor:
+    """(R, 2) (height, width) of the image of each of ``images`` (R,); filled in place for one image (no
+    host-to-device copy)."""
+    if len(image_sizes) == 1:
+        sizes = torch.empty((images.numel(), 2), dtype=dtype, device=images.device)
+        sizes[:, 0], sizes[:, 1] = image_sizes[0]
+        return sizes
+    return torch.tensor(image_sizes, dtype=dtype, device=images.device)[images]
 
 
 def _is_tracing() -> bool:
