@@ -46,15 +46,13 @@ REBUILD_COMMAND = "python setup.py build_ext --inplace (or bash tools/dev_env.sh
 
 def _newest_source(package_dir: str) -> Optional[str]:
     """The most recently modified source file (sources and headers) under ``package_dir/csrc``, or None."""
-    newest, newest_time = None, None
-    for root, _, names in os.walk(os.path.join(package_dir, "csrc")):
-        for name in names:
-            if name.endswith((".cpp", ".h", ".cu", ".cuh")):
-                path = os.path.join(root, name)
-                mtime = os.stat(path).st_mtime
-                if newest_time is None or mtime > newest_time:
-                    newest, newest_time = path, mtime
-    return newest
+    paths = (
+        os.path.join(root, name)
+        for root, _, names in os.walk(os.path.join(package_dir, "csrc"))
+        for name in names
+        if name.endswith((".cpp", ".h", ".cu", ".cuh"))
+    )
+    return max(paths, key=os.path.getmtime, default=None)
 
 
 def warn_if_stale(library: str, package_dir: str) -> None:
@@ -63,7 +61,7 @@ def warn_if_stale(library: str, package_dir: str) -> None:
     if not os.path.exists(os.path.join(os.path.dirname(package_dir), "setup.py")):
         return
     newest = _newest_source(package_dir)
-    if newest is not None and os.stat(newest).st_mtime > os.stat(library).st_mtime:
+    if newest is not None and os.path.getmtime(newest) > os.path.getmtime(library):
         warnings.warn(
             "prroi_d2: the compiled library {} is older than its source {}; it is loaded as it is, so the ops may "
             "not match the sources. Rebuild it in {} with: {}".format(

@@ -6,6 +6,7 @@ type.
 """
 
 import ctypes
+import math
 from typing import List
 
 import torch
@@ -31,7 +32,7 @@ def _scale_fits(scale: float, features: torch.dtype) -> bool:
     if not isinstance(scale, (int, float)):  # a symbolic float: checked by the kernels when they run
         return True
     value = scale if features == torch.float64 else ctypes.c_float(scale).value
-    return value == value and value > 0 and value != float("inf")
+    return 0 < value < math.inf  # false for NaN
 
 
 def _box_type_name(features: torch.dtype) -> str:

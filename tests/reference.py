@@ -143,6 +143,12 @@ def reference_box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def random_features(shape, dtype=torch.float64, device="cpu", seed=0) -> Tensor:
+    """Standard-normal features of ``shape``, drawn in float64 from ``seed`` (the same values for every dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
 def forward_backward(fn, features: Tensor, rois: Tensor, grad_out: Tensor):
     """``fn(features, rois)`` on fresh leaves, backward of ``grad_out``: (output, features grad, rois grad)."""
     features = features.detach().requires_grad_(True)

@@ -23,6 +23,7 @@ from detectron2.evaluation import print_csv_format, verify_results  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
+from reference import reference_box_iou  # noqa: E402
 
 from prroi_d2.evaluation import (  # noqa: E402
     STAGE_METRICS,
@@ -63,10 +64,7 @@ def shifted(box, iou):
 
 
 def iou_xywh(a, b):
-    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+    return reference_box_iou([a[0], a[1], a[0] + a[2], a[1] + a[3]], [b[0], b[1], b[0] + b[2], b[1] + b[3]])
 
 
 def gt_list():

@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from reference import forward_backward, reference_prroi_pool
+from reference import forward_backward, random_features, reference_prroi_pool
 
 from prroi_d2 import PrRoIPool, PrRoIPool2D, _extension, prroi_pool2d, prroi_pool_levels
 from prroi_d2 import functional as prroi_functional
@@ -29,11 +29,6 @@ LEVELS_OP = torch.ops.prroi_d2.prroi_pool2d_levels
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 HALVES = [torch.float16, torch.bfloat16]
 F64, F32 = torch.float64, torch.float32
-
-
-def features_of(shape, dtype=F64, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=F64).to(dtype=dtype, device=device)
 
 
 def boxes_of(count, batch, height, width, seed, dtype=F32, device="cpu"):
@@ -164,7 +159,7 @@ def test_sizes_at_the_limits_work(device):
 @pytest.mark.parametrize("scale", [1e300, 1e-46, -1e-46, 3.5e38])
 def test_spatial_scale_out_of_float32_range_raises(device, dtype, scale):
     assert not (math.isfinite(ctypes.c_float(scale).value) and ctypes.c_float(scale).value > 0)
-    features = features_of((1, 2, 5, 5), dtype=dtype, device=device)
+    features = random_features((1, 2, 5, 5), dtype=dtype, device=device)
     rois = torch.tensor([[0.0, 0.5, 0.5, 2.5, 2.5]], device=device)
     with pytest.raises(ValueError, match=r"spatial_scale must be finite and > 0 in float32.*got"):
         prroi_pool2d(features, rois, 2, 2, scale)
@@ -196,9 +191,9 @@ HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # output rounding (2^-11
 def test_half_features_with_float32_rois_match_reference(device, dtype, aligned):
     """Forward against the float64 reference of the rounded features and the float32 boxes (relative tolerance
     HALF_TOL of the largest value); gradients against the float64 op on the same inputs."""
-    features = features_of((2, 12, 13, 18), dtype=dtype, device=device, seed=1)
+    features = random_features((2, 12, 13, 18), dtype=dtype, device=device, seed=1)
     rois = boxes_of(40, 2, 13, 18, seed=2, device=device) * torch.tensor([1, 2, 2, 2, 2.0], device=device)
-    grad_out = features_of((40, 12, 3, 4), dtype=dtype, device=device, seed=3)
+    grad_out = random_features((40, 12, 3, 4), dtype=dtype, device=device, seed=3)
     fn = lambda f, r: prroi_pool2d(f, r, 3, 4, 0.5, aligned)
     out, gf, gr = forward_backward(fn, features, rois, grad_out)
     assert out.dtype == dtype and gf.dtype == dtype and gr.dtype == F32
@@ -243,10 +238,10 @@ def test_bfloat16_features_pool_batch_index_257(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_float64_rois_with_float32_features(device):
     """float64 boxes with float32 features are used as float32 boxes; their gradient comes back in float64."""
-    features = features_of((2, 5, 9, 11), dtype=F32, device=device, seed=4)
+    features = random_features((2, 5, 9, 11), dtype=F32, device=device, seed=4)
     rois64 = boxes_of(12, 2, 9, 11, seed=5, dtype=F64, device=device)
     rois32 = rois64.float()
-    grad_out = features_of((12, 5, 2, 3), dtype=F32, device=device, seed=6)
+    grad_out = random_features((12, 5, 2, 3), dtype=F32, device=device, seed=6)
     fn = lambda f, r: prroi_pool2d(f, r, 2, 3, 1.0, True)
     out64, gf64, gr64 = forward_backward(fn, features, rois64, grad_out)
     out32, gf32, gr32 = forward_backward(fn, features, rois32, grad_out)
@@ -259,8 +254,8 @@ def test_levels_half_features_with_float32_rois(device):
     """The multi-level op takes the same dtype pairs and pools every box as the single-level op does."""
     scales = [1 / 4, 1 / 8]
     features = [
-        features_of((2, 6, 20, 26), torch.bfloat16, device, 7),
-        features_of((2, 6, 10, 13), torch.bfloat16, device, 8),
+        random_features((2, 6, 20, 26), torch.bfloat16, device, 7),
+        random_features((2, 6, 10, 13), torch.bfloat16, device, 8),
     ]
     rois = boxes_of(30, 2, 80, 104, seed=9, device=device)
     levels = torch.randint(0, 2, (30,), generator=torch.Generator().manual_seed(10)).to(device)
@@ -308,7 +303,7 @@ def test_float8_features_raise_type_error():
 def test_mixed_dtype_opcheck():
     """Schema, fake kernel, autograd registration and dynamic-shape tracing agree for bfloat16 features with float32
     boxes (the CPU kernels)."""
-    features = features_of((2, 3, 6, 7), torch.bfloat16, seed=11).requires_grad_(True)
+    features = random_features((2, 3, 6, 7), torch.bfloat16, seed=11).requires_grad_(True)
     rois = torch.tensor([[0, 1.3, 0.7, 4.6, 3.9], [1, 0.2, 2.3, 5.1, 5.2]], requires_grad=True)
     torch.library.opcheck(OP.default, (features, rois, 2, 3, 0.5, True))
 
@@ -335,7 +330,7 @@ def _ops_called(fn):
 def test_autocast_keeps_half_features_and_casts_rois_to_float32(device, dtype):
     if device == "cpu" and dtype == torch.float16:
         pytest.skip("CPU autocast runs in bfloat16")
-    features = features_of((2, 4, 9, 12), dtype=dtype, device=device, seed=12)
+    features = random_features((2, 4, 9, 12), dtype=dtype, device=device, seed=12)
     rois = boxes_of(6, 2, 9, 12, seed=13, device=device).to(dtype)
     with torch.autocast(device, dtype=dtype):
         out, calls = _ops_called(lambda: prroi_pool2d(features, rois, 2, 3, 1.0))
@@ -367,9 +362,9 @@ def test_cuda_coordinate_gradient_of_boxes_split_over_blocks(dtype, deterministi
     """Few boxes with many (channel group, bin) items: each box's coordinate gradient is split over several blocks,
     combined by clusters (deterministic, kernels built for sm_90 or later), by the one-block-per-box kernel (an older
     build, e.g. TORCH_CUDA_ARCH_LIST="8.0+PTX") or by atomics. Checked against the float64 CPU op."""
-    features = features_of((2, 64, 30, 34), dtype=dtype, seed=14)
+    features = random_features((2, 64, 30, 34), dtype=dtype, seed=14)
     rois = boxes_of(3, 2, 30, 34, seed=15) * torch.tensor([1, 2, 2, 2, 2.0])
-    grad_out = features_of((3, 64, 14, 14), dtype=dtype, seed=16)
+    grad_out = random_features((3, 64, 14, 14), dtype=dtype, seed=16)
     if levels:
         fn = lambda f, r: prroi_pool_levels([f], r, torch.zeros(3, dtype=torch.long, device=r.device), 14, [0.5])
     else:
@@ -474,7 +469,7 @@ class _ListHead(torch.nn.Module):
 def test_fx_symbolic_trace_of_modules_and_functions():
     torch.manual_seed(17)
     head = _Head().double()
-    x = features_of((2, 3, 10, 12), seed=18)
+    x = random_features((2, 3, 10, 12), seed=18)
     rois = boxes_of(7, 2, 20, 24, seed=19, dtype=F64)
     traced = torch.fx.symbolic_trace(head)
     targets = {getattr(n.target, "__name__", None) for n in traced.graph.nodes if n.op == "call_function"}

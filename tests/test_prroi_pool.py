@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import forward_backward, reference_prroi_pool
+from reference import forward_backward, random_features, reference_prroi_pool
 
 import prroi_d2
 from prroi_d2 import PrRoIPool, PrRoIPool2D, prroi_pool, prroi_pool2d
@@ -32,8 +32,7 @@ F32 = torch.float32
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
 def make_features(shape=(N, C, H, W), dtype=F64, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=F64).to(dtype=dtype, device=device)
+    return random_features(shape, dtype, device, seed)
 
 
 def random_rois(per_kind, batch=N, height=H, width=W, spatial_scale=1.0, seed=0, dtype=F64, device="cpu"):
