@@ -178,6 +178,21 @@ def cuda_rows(args, checks):
             rows.append((f"coordinate backward, {tag}", coord, m1, None, None))
             rows.append((f"  coordinate backward / our forward, {tag}", coord / ours_fwd, None, None, None))
             checks.append((f"coordinate backward / our forward, {tag}", coord / ours_fwd, 2.0))
+            # The same maps in the channels-last memory format (read by the op's kernels of their own).
+            last = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+            last_fwd, m1 = t(lambda: prroi_forward(last, rois, size))
+            rows.append((f"forward, channels-last vs contiguous maps, {tag}", last_fwd, m1, ours_fwd, None))
+            last_coord, m1 = t(lambda: prroi_backward(ones, last, rois, size, False, True))
+            rows.append((f"coordinate backward, channels-last vs contiguous, {tag}", last_coord, m1, coord, None))
+            halves = [f.half() for f in feats]
+            last_halves = [f.half() for f in last]
+            last_half, m1 = t(lambda: prroi_forward(last_halves, rois, size))
+            half, _ = t(lambda: prroi_forward(halves, rois, size))
+            rows.append((f"forward float16, channels-last vs contiguous, {tag}", last_half, m1, half, None))
+            if num_rois == args.rois[0] and size == args.sizes[0]:
+                one = [f[:1] for f in feats]
+                convert, m1 = t(lambda: [f.contiguous(memory_format=torch.channels_last) for f in one])
+                rows.append(("channels-last copy of the maps of one 800x1216 image", convert, m1, None, None))
             for name, features_grad, rois_grad in (("feature", True, False), ("coordinate", False, True)):
                 default, m2 = t(lambda: prroi_backward(ones, feats, rois, size, features_grad, rois_grad))
                 det, m1 = t(deterministic(lambda: prroi_backward(ones, feats, rois, size, features_grad, rois_grad)))

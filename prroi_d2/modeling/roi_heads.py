@@ -194,8 +194,10 @@ class IoUNetROIHeads(StandardROIHeads):
     # ----------------------------------------------------------------------------------------------------------------
 
     def _inference(self, features, proposals: List[Instances], image_sizes: List[Tuple[int, int]]):
+        maps = self._pooling_maps(features)
+        box_maps = maps if isinstance(self.box_pooler, poolers.PrRoIPooler) else features
         box_features = self.box_head(
-            self.box_pooler([features[f] for f in self.box_in_features], [x.proposal_boxes for x in proposals])
+            self.box_pooler([box_maps[f] for f in self.box_in_features], [x.proposal_boxes for x in proposals])
         )
         predictions = self.box_predictor(box_features)
         del box_features
@@ -204,7 +206,7 @@ class IoUNetROIHeads(StandardROIHeads):
             self.box_predictor.predict_probs(predictions, proposals),
             image_sizes,
         )
-        iou_features = [features[f] for f in self.iou_in_features]
+        iou_features = [maps[f] for f in self.iou_in_features]
         cand["ious"] = self._predict_ious(iou_features, cand["boxes"], cand["images"], cand["classes"])
         num_images = len(image_sizes)
         groups = cand["images"] * self.num_classes + cand["classes"]
@@ -243,6 +245,19 @@ class IoUNetROIHeads(StandardROIHeads):
         if not self.output_stages:
             return final, {}
         return final, {"stages": [{s: stages[s][i] for s in stages} for i in range(num_images)]}
+
+    def _pooling_maps(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """The maps Precise RoI Pooling reads in inference (the IoU branch's, and the box head's when its pooler is a
+        PrRoI one): on CUDA, copies in the channels-last memory format, which the op reads with coalesced loads (one
+        copy serves the box head, the IoU prediction and every refinement step); elsewhere the maps as they are."""
+        names = set(self.iou_in_features)
+        if isinstance(self.box_pooler, poolers.PrRoIPooler):
+            names.update(self.box_in_features)
+        maps = dict(features)
+        for name in names:
+            if features[name].is_cuda:
+                maps[name] = features[name].contiguous(memory_format=torch.channels_last)
+        return maps
 
     def _candidates(self, boxes, scores, image_sizes) -> Dict[str, Tensor]:
         """Every (proposal, class) above the score threshold, all images at once, as Detectron2's

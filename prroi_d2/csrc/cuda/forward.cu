@@ -6,6 +6,12 @@
 // pixels (bins up to about 4 pixels wide) are unrolled with the weights in registers; larger ones loop. Boxes of
 // every pyramid level go in one launch (the level table). float16/bfloat16 maps of even width read windows up to 7
 // pixels wide two pixels per load, looping over the window's rows only.
+//
+// Channels-last maps (every map (N, C, H, W) with channels-last strides) have a kernel of their own: a block takes
+// (box, kLanes channels), lane l channel c0 + l and warp w bins w, w + 8, ..., so a warp's load of a pixel reads
+// kLanes consecutive channels (one coalesced transaction, where the channels-first kernel's warp touches ~5 rows).
+// The bins go through shared memory, tile[channel][bin], and the block writes its (channels, PH, PW) slab of the
+// output, which is contiguous, in order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -204,6 +210,92 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<scalar_t>) forward
   }
 }
 
+// One channel of a bin of a channels-last map: sum over the window of wy_i * inv_area * wx_j * F[i, j], `p` at
+// pixel (i0, j0) of the lane's channel, pixels `pixel_stride` apart and rows `row_stride` (the sums of
+// pool_unrolled, in its order).
+template <int P, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t pool_channel_unrolled(
+    const scalar_t* __restrict__ p, int64_t row_stride, int pixel_stride, const BinWindow<acc_t>& b,
+    acc_t inv_area) {
+  acc_t wx[P];
+#pragma unroll
+  for (int t = 0; t < P; ++t) wx[t] = t < b.nj ? cell_weight(b.x_lo, b.x_hi, b.j0 + t) : acc_t(0);
+  acc_t sum = 0;
+#pragma unroll
+  for (int ii = 0; ii < P; ++ii) {
+    acc_t row = 0;
+#pragma unroll
+    for (int jj = 0; jj < P; ++jj) {
+      if (ii < b.ni && jj < b.nj) row += wx[jj] * static_cast<acc_t>(p[ii * row_stride + jj * pixel_stride]);
+    }
+    if (ii < b.ni) sum += cell_weight(b.y_lo, b.y_hi, b.i0 + ii) * inv_area * row;
+  }
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ acc_t pool_channel_looped(
+    const scalar_t* __restrict__ p, int64_t row_stride, int pixel_stride, const BinWindow<acc_t>& b,
+    acc_t inv_area) {
+  acc_t sum = 0;
+  for (int ii = 0; ii < b.ni; ++ii) {
+    acc_t row = 0;
+    for (int jj = 0; jj < b.nj; ++jj) {
+      row += cell_weight(b.x_lo, b.x_hi, b.j0 + jj) * static_cast<acc_t>(p[ii * row_stride + jj * pixel_stride]);
+    }
+    sum += cell_weight(b.y_lo, b.y_hi, b.i0 + ii) * inv_area * row;
+  }
+  return sum;
+}
+
+// Channels-last maps; tasks are (box, chunk of kLanes channels), a grid-stride loop of blocks. The shared tile is
+// kLanes rows of `tile_stride` elements (bins, made odd so that the lanes' stores fall in distinct banks).
+template <typename scalar_t, bool kLevels>
+__global__ void __launch_bounds__(kThreads) forward_channels_last_kernel(
+    LevelTable<scalar_t> table, const int64_t* __restrict__ levels, const at::opmath_type<scalar_t>* __restrict__ rois,
+    int64_t K, int N, int C, int ph_n, int pw_n, int tile_stride, bool aligned, scalar_t* __restrict__ output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(sizeof(double)) unsigned char tile_bytes[];
+  scalar_t* tile = reinterpret_cast<scalar_t*>(tile_bytes);
+  const int bins = ph_n * pw_n;
+  const int chunks = (C + kLanes - 1) / kLanes;
+  const int lane = threadIdx.x % kLanes, warp = threadIdx.x / kLanes;
+  for (int64_t task = blockIdx.x; task < K * chunks; task += gridDim.x) {
+    const int64_t k = task / chunks;
+    const int c0 = static_cast<int>(task % chunks) * kLanes;
+    const int channels = min(kLanes, C - c0);
+    const int slab = channels * bins;
+    scalar_t* out = output + (k * C + c0) * bins;
+    const Box<acc_t, scalar_t> box = load_box<kLevels, acc_t>(table, levels, rois, k, aligned, ph_n, pw_n, N, C);
+    const RoiGeometry<acc_t>& g = box.g;
+    __syncthreads();  // the previous task's tile has been written out (every thread of the block takes each task)
+    if (!g.valid || !(g.area > acc_t(0))) {
+      const scalar_t v = static_cast<scalar_t>(g.valid ? acc_t(0) : quiet_nan<acc_t>());
+      for (int t = threadIdx.x; t < slab; t += blockDim.x) out[t] = v;
+      continue;
+    }
+    const int H = box.height, W = box.width;
+    const int64_t row_stride = int64_t(W) * C;
+    const acc_t inv_area = acc_t(1) / g.area;
+    if (lane < channels) {
+      for (int bin = warp; bin < bins; bin += kThreads / kLanes) {
+        const BinWindow<acc_t> b = bin_window(g, bin / pw_n, bin % pw_n, H, W);
+        acc_t v = 0;  // a bin outside the map pools to zero
+        if (b.ni > 0 && b.nj > 0) {
+          const scalar_t* p = box.image + (int64_t(b.i0) * W + b.j0) * C + c0 + lane;
+          const bool done = with_unrolled_window(b.ni, b.nj, [&](auto n) {
+            v = pool_channel_unrolled<decltype(n)::value>(p, row_stride, C, b, inv_area);
+          });
+          if (!done) v = pool_channel_looped(p, row_stride, C, b, inv_area);
+        }
+        tile[lane * tile_stride + bin] = static_cast<scalar_t>(v);
+      }
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < slab; t += blockDim.x) out[t] = tile[(t / bins) * tile_stride + t % bins];
+  }
+}
+
 // Whether every map of the table can be read two pixels per 32-bit word: even widths, 4-byte aligned bases.
 template <typename scalar_t>
 bool reads_pairs(const LevelTable<scalar_t>& table) {
@@ -213,11 +305,42 @@ bool reads_pairs(const LevelTable<scalar_t>& table) {
   return true;
 }
 
+// Launches forward_channels_last_kernel (the caller checked forward_reads_channels_last).
+void launch_forward_channels_last(
+    at::TensorList features, const at::Tensor& rois, const at::Tensor& levels, at::ArrayRef<double> scales,
+    bool aligned, at::Tensor& output) {
+  const int64_t K = rois.size(0);
+  const int N = features[0].size(0), C = features[0].size(1);
+  const int ph_n = output.size(2), pw_n = output.size(3);
+  if (K == 0 || C == 0 || ph_n * pw_n == 0) return;
+  const int64_t* level_data = levels.defined() ? levels.const_data_ptr<int64_t>() : nullptr;
+  const int bins = ph_n * pw_n;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "prroi_pool2d_forward_cuda", [&] {
+    const LevelTable<scalar_t> table = make_level_table<scalar_t>(features, scales);
+    const int64_t blocks = grid_blocks(K * ((C + kLanes - 1) / kLanes));
+    auto kernel = level_data != nullptr ? forward_channels_last_kernel<scalar_t, true>
+                                        : forward_channels_last_kernel<scalar_t, false>;
+    kernel<<<blocks, kThreads, forward_tile_bytes(bins, sizeof(scalar_t)), stream>>>(
+        table, level_data, rois.const_data_ptr<at::opmath_type<scalar_t>>(), K, N, C, ph_n, pw_n, bins | 1, aligned,
+        output.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
+
+bool forward_reads_channels_last(int64_t pooled_height, int64_t pooled_width, at::ScalarType dtype) {
+  return forward_tile_bytes(pooled_height * pooled_width, c10::elementSize(dtype)) <= kMaxForwardTileBytes;
+}
 
 void launch_forward(
     at::TensorList features, const at::Tensor& rois, const at::Tensor& levels, at::ArrayRef<double> scales,
-    bool aligned, at::Tensor& output) {
+    bool aligned, bool channels_last, at::Tensor& output) {
+  if (channels_last) {
+    launch_forward_channels_last(features, rois, levels, scales, aligned, output);
+    return;
+  }
   const int N = features[0].size(0), C = features[0].size(1);
   const int ph_n = output.size(2), pw_n = output.size(3);
   const int64_t total = rois.size(0) * channel_groups(C) * int64_t(ph_n) * pw_n;

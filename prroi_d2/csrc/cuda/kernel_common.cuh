@@ -23,6 +23,16 @@ __host__ __device__ constexpr int channel_groups(int channels) {
   return channels / kChannelsPerThread + (channels % kChannelsPerThread != 0);
 }
 
+// Channels a warp of the channels-last kernels reads together, one per lane.
+constexpr int kLanes = 32;
+
+// Shared memory of a block of the channels-last forward: a tile of kLanes channels x (bins made odd) elements; the
+// kernel is used where it fits the default limit of a launch.
+constexpr int64_t kMaxForwardTileBytes = 48 * 1024;
+inline int64_t forward_tile_bytes(int64_t bins, int64_t element_size) {
+  return kLanes * (bins | 1) * element_size;
+}
+
 // The feature maps a launch reads: one per pyramid level (a single entry for prroi_pool2d). Passed by value.
 template <typename scalar_t>
 struct LevelTable {

@@ -5,6 +5,9 @@
 // A box with a non-finite coordinate, a batch index outside [0, N) or a level outside [0, len(features)) reads
 // nothing and pools to NaN (checking indices on the host would need a synchronisation).
 //
+// Maps in the channels-last memory format (all of a call's) are read as they are by kernels of their own; maps of
+// other layouts through contiguous copies. The output and the feature gradient are contiguous either way.
+//
 // The kernels take boxes in box_dtype (float32, or float64 for float64 features): rois of another dtype (float32
 // boxes come as they are with float16/bfloat16 features) are converted once here, and the coordinate gradient,
 // summed in box_dtype, is cast back to the rois' dtype.
@@ -25,14 +28,29 @@ std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
   return out;
 }
 
+// Whether the maps are read channels-last as they are: every one is contiguous in the channels-last memory format
+// and one at least is not also contiguous (a map with one channel, or one pixel, is both, indexed alike either way).
+// Maps of any other layout are read from contiguous copies.
+bool all_channels_last(at::TensorList features) {
+  bool only_channels_last = false;
+  for (const at::Tensor& f : features) {
+    if (!f.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+    only_channels_last = only_channels_last || !f.is_contiguous();
+  }
+  return only_channels_last;
+}
+
 at::Tensor forward_levels_impl(
     at::TensorList features, const at::Tensor& rois, const at::Tensor& levels, int64_t pooled_height,
     int64_t pooled_width, at::ArrayRef<double> spatial_scales, bool aligned) {
   c10::cuda::CUDAGuard device_guard(features[0].device());
   at::Tensor output =
       at::empty({rois.size(0), features[0].size(1), pooled_height, pooled_width}, features[0].options());
-  cuda::launch_forward(contiguous_all(features), rois.to(box_dtype(features[0].scalar_type())).contiguous(),
-                       levels.defined() ? levels.contiguous() : levels, spatial_scales, aligned, output);
+  const bool channels_last = all_channels_last(features) &&
+      cuda::forward_reads_channels_last(pooled_height, pooled_width, features[0].scalar_type());
+  cuda::launch_forward(channels_last ? features.vec() : contiguous_all(features),
+                       rois.to(box_dtype(features[0].scalar_type())).contiguous(),
+                       levels.defined() ? levels.contiguous() : levels, spatial_scales, aligned, channels_last, output);
   return output;
 }
 
@@ -55,8 +73,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_levels_impl(
   }
   if (rois_requires_grad) {
     grad_rois = at::empty({rois.size(0), 5}, rois.options().dtype(acc_dtype));
-    cuda::launch_rois_backward(grad_output, contiguous_all(features), r, lv, spatial_scales, aligned,
-                               at::globalContext().deterministicAlgorithms(), grad_rois);
+    const bool channels_last = all_channels_last(features);
+    cuda::launch_rois_backward(grad_output, channels_last ? features.vec() : contiguous_all(features), r, lv,
+                               spatial_scales, aligned, channels_last, at::globalContext().deterministicAlgorithms(),
+                               grad_rois);
     grad_rois = grad_rois.to(rois.scalar_type());
   }
   return {grad_features, grad_rois};

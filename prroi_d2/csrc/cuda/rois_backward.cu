@@ -5,13 +5,16 @@
 // and channel, as in the forward), then weighs G once with the area and edge weights and applies the chain rule
 // from the bin to the box. The threads of a block sum in a fixed order.
 //
-// A box's (channel group, bin) pairs are cut into `parts` blocks (enough blocks to fill the GPU). By default the
-// blocks add their shares into a zeroed gradient with atomics (the gradient is float32 or float64, box_dtype, for
-// every features dtype). Under torch.use_deterministic_algorithms the blocks of a box form a thread-block cluster
-// where the kernels were compiled for sm_90 or later (kernel_arch, not the GPU's own architecture: a build for an
-// older one compiles the cluster code to a trap): each block sums its share, and the cluster's first block adds the
-// shares in rank order from distributed shared memory and writes the gradient (deterministic, no workspace, no zero
-// fill); other builds use one block per box.
+// Channels-last maps: a box's items are (bin, channel) pairs, the channel fastest, so a warp's loads of a pixel read
+// consecutive channels (coalesced); a thread's sums are those of dL/dout_c * F_c over its window, for one channel.
+//
+// A box's items ((channel group, bin) pairs of channels-first maps) are cut into `parts` blocks (enough blocks to fill
+// the GPU). By default the blocks add their shares into a zeroed gradient with atomics (the gradient is float32 or
+// float64, box_dtype, for every features dtype). Under torch.use_deterministic_algorithms the blocks of a box form a
+// thread-block cluster where the kernels were compiled for sm_90 or later (kernel_arch, not the GPU's own architecture:
+// a build for an older one compiles the cluster code to a trap): each block sums its share, and the cluster's first
+// block adds the shares in rank order from distributed shared memory and writes the gradient (deterministic, no
+// workspace, no zero fill); other builds use one block per box.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/Atomic.cuh>
@@ -122,6 +125,54 @@ __device__ EdgeSums<acc_t> edge_sums_looped(
   return e;
 }
 
+// EdgeSums of one channel of a channels-last map over the bin's window, scaled by that channel's dL/dout `go`: `p`
+// at pixel (i0, j0), pixels `pixel_stride` apart and rows `row_stride`.
+template <int P, typename scalar_t, typename acc_t>
+__device__ __forceinline__ EdgeSums<acc_t> edge_sums_channel_unrolled(
+    const scalar_t* __restrict__ p, int64_t row_stride, int pixel_stride, const BinWindow<acc_t>& b, acc_t go) {
+  acc_t wx[P], hx_lo[P], hx_hi[P];
+#pragma unroll
+  for (int jj = 0; jj < P; ++jj) {
+    wx[jj] = cell_weight(b.x_lo, b.x_hi, b.j0 + jj);
+    hx_lo[jj] = hat(b.x_lo, b.j0 + jj);
+    hx_hi[jj] = hat(b.x_hi, b.j0 + jj);
+  }
+  EdgeSums<acc_t> e;
+#pragma unroll
+  for (int ii = 0; ii < P; ++ii) {
+    acc_t r = 0, r_lo = 0, r_hi = 0;
+#pragma unroll
+    for (int jj = 0; jj < P; ++jj) {
+      if (ii < b.ni && jj < b.nj) {
+        const acc_t v = go * static_cast<acc_t>(p[ii * row_stride + jj * pixel_stride]);
+        r += wx[jj] * v;
+        r_lo += hx_lo[jj] * v;
+        r_hi += hx_hi[jj] * v;
+      }
+    }
+    if (ii < b.ni) e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
+  }
+  return e;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ EdgeSums<acc_t> edge_sums_channel_looped(
+    const scalar_t* __restrict__ p, int64_t row_stride, int pixel_stride, const BinWindow<acc_t>& b, acc_t go) {
+  EdgeSums<acc_t> e;
+  for (int ii = 0; ii < b.ni; ++ii) {
+    acc_t r = 0, r_lo = 0, r_hi = 0;
+    for (int jj = 0; jj < b.nj; ++jj) {
+      const int j = b.j0 + jj;
+      const acc_t v = go * static_cast<acc_t>(p[ii * row_stride + jj * pixel_stride]);
+      r += cell_weight(b.x_lo, b.x_hi, j) * v;
+      r_lo += hat(b.x_lo, j) * v;
+      r_hi += hat(b.x_hi, j) * v;
+    }
+    e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
+  }
+  return e;
+}
+
 // Sums d[0..3] over the block in a fixed order (same inputs, same bits); the result is valid in thread 0.
 template <typename acc_t>
 __device__ __forceinline__ void block_sum4(acc_t (&d)[4], acc_t (&partial)[4][kThreads / 32]) {
@@ -149,7 +200,8 @@ __device__ __forceinline__ void block_sum4(acc_t (&d)[4], acc_t (&partial)[4][kT
 // `parts` blocks per box: block b takes box (task / parts) and part (task % parts) for task = b, b + gridDim.x, ...;
 // gridDim.x is a multiple of parts, so a cluster's blocks always share a box. Part p takes the box's items
 // [p * per_part, (p + 1) * per_part).
-template <typename scalar_t, Combine combine, bool kLevels, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, Combine combine, bool kLevels, bool kChannelsLast,
+          typename acc_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
     const scalar_t* __restrict__ grad, GradStrides gs, LevelTable<scalar_t> table, const int64_t* __restrict__ levels,
     const acc_t* __restrict__ rois, int64_t K, int N, int C, int ph_n, int pw_n, bool aligned, int parts,
@@ -157,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
   __shared__ acc_t partial[4][kThreads / 32];
   __shared__ acc_t block_total[4];  // this block's share, read by the cluster's first block
   const int bins = ph_n * pw_n;
-  const int items = channel_groups(C) * bins;  // (channel group, bin) pairs of a box
+  const int items = kChannelsLast ? C * bins : channel_groups(C) * bins;  // a box's (channels, bin) items
   const int t = threadIdx.x;
   for (int64_t task = blockIdx.x; task < K * parts; task += gridDim.x) {
     const int64_t k = task / parts;
@@ -176,19 +228,29 @@ __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
     const int begin = part * per_part;
     const int end = begin + min(per_part, items - begin);
     for (int item = begin + t; item < end; item += kThreads) {
-      const int bin = item % bins;
-      const int c0 = (item / bins) * kChannelsPerThread;
-      const int channels = min(kChannelsPerThread, C - c0);
+      const int bin = kChannelsLast ? item / C : item % bins;
+      const int c0 = kChannelsLast ? item % C : (item / bins) * kChannelsPerThread;
       const int ph = bin / pw_n, pw = bin % pw_n;
       const BinWindow<acc_t> b = bin_window(g, ph, pw, H, W);
       if (b.ni <= 0 || b.nj <= 0) continue;  // outside the map: the bin and its derivatives are zero
-      const scalar_t* window = box.image + c0 * plane_stride + int64_t(b.i0) * W + b.j0;
       const scalar_t* go = grad + k * gs.k + c0 * gs.c + ph * gs.h + pw * gs.w;
       EdgeSums<acc_t> e;
-      const bool done = with_unrolled_window(b.ni, b.nj, [&](auto p) {
-        e = edge_sums_unrolled<decltype(p)::value>(window, plane_stride, W, b, channels, go, gs.c);
-      });
-      if (!done) e = edge_sums_looped(window, plane_stride, W, b, channels, go, gs.c);
+      if constexpr (kChannelsLast) {
+        const scalar_t* p = box.image + (int64_t(b.i0) * W + b.j0) * C + c0;
+        const int64_t row_stride = int64_t(W) * C;
+        const acc_t go_c = static_cast<acc_t>(*go);
+        const bool done = with_unrolled_window(b.ni, b.nj, [&](auto n) {
+          e = edge_sums_channel_unrolled<decltype(n)::value>(p, row_stride, C, b, go_c);
+        });
+        if (!done) e = edge_sums_channel_looped(p, row_stride, C, b, go_c);
+      } else {
+        const int channels = min(kChannelsPerThread, C - c0);
+        const scalar_t* window = box.image + c0 * plane_stride + int64_t(b.i0) * W + b.j0;
+        const bool done = with_unrolled_window(b.ni, b.nj, [&](auto p) {
+          e = edge_sums_unrolled<decltype(p)::value>(window, plane_stride, W, b, channels, go, gs.c);
+        });
+        if (!done) e = edge_sums_looped(window, plane_stride, W, b, channels, go, gs.c);
+      }
       add_box_gradient(g, ph, pw, ph_n, pw_n, acc_t(1), e.s, e.x_lo, e.x_hi, e.y_lo, e.y_hi, d);
     }
     block_sum4(d, partial);
@@ -243,7 +305,7 @@ int kernel_arch(int device) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     cudaFuncAttributes attributes;
     C10_CUDA_CHECK(cudaFuncGetAttributes(
-        &attributes, reinterpret_cast<const void*>(&rois_backward_kernel<float, Combine::kCluster, false>)));
+        &attributes, reinterpret_cast<const void*>(&rois_backward_kernel<float, Combine::kCluster, false, false>)));
     arch_of_device[device] = attributes.ptxVersion;
   }
   return arch_of_device[device];
@@ -251,7 +313,7 @@ int kernel_arch(int device) {
 
 void launch_rois_backward(
     const at::Tensor& grad_output, at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
-    at::ArrayRef<double> scales, bool aligned, bool deterministic, at::Tensor& grad_rois) {
+    at::ArrayRef<double> scales, bool aligned, bool channels_last, bool deterministic, at::Tensor& grad_rois) {
   const int64_t K = rois.size(0);
   const int N = features[0].size(0), C = features[0].size(1);
   const int ph_n = grad_output.size(2), pw_n = grad_output.size(3);
@@ -260,7 +322,7 @@ void launch_rois_backward(
     grad_rois.zero_();
     return;
   }
-  const int64_t items = channel_groups(C) * int64_t(ph_n) * pw_n;
+  const int64_t items = (channels_last ? C : channel_groups(C)) * int64_t(ph_n) * pw_n;
   TORCH_CHECK_VALUE(items <= std::numeric_limits<int32_t>::max(), "prroi_pool2d: channels x pooled_height x "
                     "pooled_width is too large for the CUDA coordinate gradient, got ", grad_output.sizes());
   // Atomics when allowed (the fastest: a block never waits for another), clusters where determinism is asked for
@@ -317,9 +379,11 @@ void launch_rois_backward(
     auto with_levels = [&](auto combine_tag) {
       constexpr Combine kCombine = decltype(combine_tag)::value;
       if (level_data != nullptr) {
-        launch(rois_backward_kernel<scalar_t, kCombine, true>);
+        launch(channels_last ? rois_backward_kernel<scalar_t, kCombine, true, true>
+                             : rois_backward_kernel<scalar_t, kCombine, true, false>);
       } else {
-        launch(rois_backward_kernel<scalar_t, kCombine, false>);
+        launch(channels_last ? rois_backward_kernel<scalar_t, kCombine, false, true>
+                             : rois_backward_kernel<scalar_t, kCombine, false, false>);
       }
     };
     if (combine == Combine::kCluster) {

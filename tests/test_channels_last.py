@@ -1,0 +1,183 @@
+"""Feature maps in the channels-last memory format.
+
+On CUDA the op reads channels-last maps as they are, by kernels of their own (forward and coordinate gradient); it
+must give what it gives for the same maps stored contiguously, which the other op tests check against the float64
+reference, and the reference itself. On the CPU such maps are read through contiguous copies.
+"""
+
+import math
+
+import pytest
+import torch
+from reference import random_features, reference_prroi_pool
+from test_prroi_pool_levels import SCALES, pyramid, random_rois
+
+from prroi_d2 import assign_fpn_levels, prroi_pool, prroi_pool_levels
+
+LEVELS_OP = torch.ops.prroi_d2.prroi_pool2d_levels
+LEVELS_BACKWARD_OP = torch.ops.prroi_d2._prroi_pool2d_levels_backward
+F64 = torch.float64
+CL = torch.channels_last
+
+
+def channels_last(maps):
+    out = [f.contiguous(memory_format=CL) for f in maps]
+    assert all(not f.is_contiguous() for f in out)  # really another layout
+    return out
+
+
+def bad_rois(rois):
+    """rois with one row each of: a NaN coordinate, a batch index out of range, zero size, outside the image."""
+    rois = rois.clone()
+    rois[0, 2] = float("nan")
+    rois[1, 0] = 5
+    rois[2, 3:] = rois[2, 1:3]
+    rois[3, 1:] = torch.tensor([-80.0, -90.0, -30.0, -40.0], dtype=rois.dtype)
+    return rois
+
+
+def levels_forward_backward(features, rois, levels, size, grad_out):
+    """(output, rois gradient, feature gradients) of the multi-level op, aligned boxes."""
+    out = LEVELS_OP(features, rois, levels, size, size, SCALES, True)
+    grads = LEVELS_BACKWARD_OP(grad_out, features, rois, levels, size, size, SCALES, True, True, True)
+    return [out, grads[1]] + list(grads[0])
+
+
+def assert_all_close(got, want, rtol):
+    for a, b in zip(got, want):
+        b = b.to(a.device, a.dtype)
+        scale = b[torch.isfinite(b)].abs().max().item()
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("channels", [20, 64, 70])
+@pytest.mark.parametrize("size", [7, 14])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_channels_last_levels_match_cpu(dtype, channels, size, deterministic):
+    """Forward and every gradient, against the float64 CPU op on contiguous maps; invalid boxes included."""
+    features = pyramid(channels=channels, seed=11)
+    for count in (9, 500):
+        rois = bad_rois(random_rois(count, seed=12))
+        levels = assign_fpn_levels(rois.nan_to_num(), SCALES, canonical_box_size=56)
+        grad_out = torch.randn(count, channels, size, size, generator=torch.Generator().manual_seed(13), dtype=F64)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            got = levels_forward_backward(
+                channels_last([f.to(dtype).cuda() for f in features]),
+                rois.to(dtype).cuda(),
+                levels.cuda(),
+                size,
+                grad_out.to(dtype).cuda(),
+            )
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        want = levels_forward_backward(features, rois, levels, size, grad_out)
+        assert torch.isnan(got[0][0]).all() and torch.isnan(got[0][1]).all()  # the NaN box, the bad batch index
+        assert (got[0][2] == 0).all() and (got[0][3] == 0).all()  # empty, outside
+        assert got[0][4:].abs().sum() > 0 and got[1][4:, 1:].abs().sum() > 0
+        assert_all_close(got, want, 1e-9 if dtype == F64 else 2e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_channels_last_halves_match_contiguous(dtype):
+    """float16/bfloat16 maps (float32 boxes): channels-last against contiguous, and near the float64 op."""
+    features = pyramid(channels=48, seed=14)
+    rois = random_rois(300, seed=15)
+    levels = assign_fpn_levels(rois, SCALES, canonical_box_size=56)
+    grad_out = torch.randn(300, 48, 7, 7, generator=torch.Generator().manual_seed(16), dtype=F64)
+    maps = [f.to(dtype).cuda() for f in features]
+    args = (rois.float().cuda(), levels.cuda(), 7, grad_out.to(dtype).cuda())
+    got = levels_forward_backward(channels_last(maps), *args)
+    contiguous = levels_forward_backward(maps, *args)
+    assert_all_close(got, contiguous, 1e-2)
+    exact = levels_forward_backward(
+        [f.to(dtype).to(F64) for f in features], rois, levels, 7, grad_out.to(dtype).to(F64)
+    )
+    assert_all_close(got[:1], exact[:1], 1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("aligned", [False, True])
+def test_cuda_channels_last_single_map_matches_reference(aligned):
+    """prroi_pool on one channels-last map against the float64 reference; gradients against contiguous."""
+    features = random_features((2, 40, 23, 31), seed=17)
+    rois = random_rois(30, image=(23 * 4, 31 * 4), seed=18)
+    out = prroi_pool(channels_last([features.cuda()])[0], rois.cuda(), (5, 6), 0.25, aligned)
+    expected = reference_prroi_pool(features, rois, 5, 6, 0.25, aligned)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-10, atol=1e-10)
+    assert out.is_contiguous()
+    grads = []
+    for maps in (channels_last([features.cuda()]), [features.cuda()]):
+        f = maps[0].requires_grad_(True)
+        r = rois.cuda().requires_grad_(True)
+        prroi_pool(f, r, (5, 6), 0.25, aligned).backward(torch.ones(30, 40, 5, 6, dtype=F64, device="cuda"))
+        grads.append((f.grad, r.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-10)
+    assert grads[0][1][:, 1:].abs().sum() > 0
+
+
+@pytest.mark.cuda
+def test_cuda_channels_last_gradcheck():
+    features = channels_last([f[:, :, :7, :8] for f in pyramid(channels=33, device="cuda")[:2]])
+    features = [f.requires_grad_(True) for f in features]
+    boxes = torch.tensor([[2.3, 3.1, 19.7, 14.9], [5.2, 4.4, 37.7, 40.6]], dtype=F64, device="cuda")
+    boxes.requires_grad_(True)
+    batch = torch.tensor([[0.0], [1.0]], dtype=F64, device="cuda")
+    levels = torch.tensor([0, 1], device="cuda")
+
+    def fn(f0, f1, b):
+        return prroi_pool_levels([f0, f1], torch.cat([batch, b], dim=1), levels, 2, SCALES[:2], True)
+
+    assert torch.autograd.gradcheck(fn, (*features, boxes), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_large_outputs_and_mixed_layouts_fall_back():
+    """Outputs too large for the channels-last forward's shared tile, and maps of mixed layouts, are pooled from
+    contiguous copies: the results are those of contiguous maps."""
+    features = [f.cuda() for f in pyramid(channels=36, seed=19)]
+    rois = random_rois(40, seed=20).cuda()
+    levels = assign_fpn_levels(rois, SCALES, canonical_box_size=56)
+    size = 24  # float64: 32 x 577 x 8 bytes, over the 48 KiB tile
+    assert 32 * (size * size + 1) * 8 > 48 * 1024
+    grad_out = torch.randn(40, 36, size, size, dtype=F64, device="cuda")
+    want = levels_forward_backward(features, rois, levels, size, grad_out)
+    assert_all_close(levels_forward_backward(channels_last(features), rois, levels, size, grad_out), want, 1e-10)
+    mixed = channels_last(features[:2]) + features[2:]
+    assert_all_close(
+        levels_forward_backward(mixed, rois, levels, 7, grad_out[:, :, :7, :7].contiguous()),
+        levels_forward_backward(features, rois, levels, 7, grad_out[:, :, :7, :7].contiguous()),
+        1e-10,
+    )
+
+
+@pytest.mark.cuda
+def test_cuda_channels_last_kernels_are_the_ones_run():
+    """The profiler sees the channels-last kernels for channels-last maps (and not for contiguous ones)."""
+    features = [f.cuda() for f in pyramid(channels=32, dtype=torch.float32, seed=21)]
+    rois = random_rois(50, seed=22).float().cuda().requires_grad_(True)
+    levels = assign_fpn_levels(rois.detach(), SCALES, canonical_box_size=56)
+
+    def kernels(maps):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            prroi_pool_levels(maps, rois, levels, 7, SCALES, True).sum().backward()
+            torch.cuda.synchronize()
+        return " ".join(e.name for e in prof.events())
+
+    assert "forward_channels_last_kernel" in kernels(channels_last(features))
+    assert "forward_channels_last_kernel" not in kernels(features)
+    assert "forward_kernel" in kernels(features)
+
+
+def test_cpu_channels_last_equals_contiguous():
+    features = random_features((2, 6, 19, 25), seed=23)
+    rois = random_rois(12, image=(19 * 4, 25 * 4), seed=24)
+    expected = reference_prroi_pool(features, rois, 3, 4, 0.25, True)
+    out = prroi_pool(features.contiguous(memory_format=CL), rois, (3, 4), 0.25, True)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert math.isfinite(out.sum().item()) and out.abs().sum() > 0
