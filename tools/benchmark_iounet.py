@@ -40,6 +40,7 @@ workload. Each section's header prints its counts.
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -610,8 +611,11 @@ def section_stages(setup, timer, repeat, warmup, checks):
     sizes = images.image_sizes
     predictor = heads.box_predictor
     topk = predictor.test_topk_per_image
-    box_in = [features[f] for f in heads.box_in_features]
-    iou_in = [features[f] for f in heads.iou_in_features]
+    with torch.inference_mode():
+        maps = heads._pooling_maps(features)  # what IoUNetROIHeads pools from (channels-last copies on CUDA)
+    iou_in = [maps[f] for f in heads.iou_in_features]
+    iou_in_contiguous = [features[f].contiguous() for f in heads.iou_in_features]
+    heads_contiguous = copy.deepcopy(heads)  # graphs of its own, captured on contiguous maps
     proposal_boxes = [p.proposal_boxes for p in proposals]
     with torch.inference_mode():
         cand = heads._candidates(c["boxes"], c["probs"], sizes)
@@ -649,20 +653,28 @@ def section_stages(setup, timer, repeat, warmup, checks):
 
         return run
 
-    def box_head(h):
+    def box_head(h, pooled_maps):
+        box_in = [pooled_maps[f] for f in h.box_in_features]
         return lambda: h.box_predictor(h.box_head(h.box_pooler(box_in, proposal_boxes)))
 
-    refine_graph = lambda: heads._refine(iou_in, kept, sizes, len(sizes) * topk)  # noqa: E731
-    predict = lambda: heads._predict_ious(iou_in, cand["boxes"], cand["images"], cand["classes"])  # noqa: E731
+    def refine_on(h, maps_in):
+        return lambda: h._refine(maps_in, kept, sizes, len(sizes) * topk)
+
+    def predict_on(maps_in):
+        return lambda: heads._predict_ious(maps_in, cand["boxes"], cand["images"], cand["classes"])
+
+    refine_graph, predict = refine_on(heads, iou_in), predict_on(iou_in)
     t = heads.refine_max_iter
     spec = {  # key: (row label, callable)
         "backbone": ("backbone (ResNet-FPN)", lambda: iounet.backbone(images.tensor)),
         "rpn": ("RPN", lambda: iounet.proposal_generator(images, features, None)),
         "box_align": (
             f"box head (pool + FCs + predictor), ROIAlignV2, {len(proposals[0])} proposals",
-            box_head(plain_heads),
+            box_head(plain_heads, features),
         ),
-        "box_prroi": ("box head (pool + FCs + predictor), PrRoIPoolV2", box_head(heads)),
+        "box_prroi": ("box head (pool + FCs + predictor), PrRoIPoolV2", box_head(heads, maps)),
+        "box_prroi_contiguous": ("  the same, contiguous maps", box_head(heads, features)),
+        "maps": ("IoU-Net _pooling_maps (channels-last copies of P2-P5)", lambda: heads._pooling_maps(features)),
         "heads_std": (
             "ROI heads whole: StandardROIHeads (ROIAlignV2)",
             lambda: plain_heads(images, features, proposals),
@@ -683,6 +695,7 @@ def section_stages(setup, timer, repeat, warmup, checks):
             lambda: heads._candidates(c["boxes"], c["probs"], sizes),
         ),
         "predict": (f"IoU-Net _predict_ious of {m} candidates (pool + IoU head)", predict),
+        "predict_contiguous": ("  _predict_ious, contiguous maps", predict_on(iou_in_contiguous)),
         "iou_nms": (
             f"IoU-Net iou_guided_nms ({m} -> {k})",
             lambda: iou_guided_nms(cand["boxes"], cand["scores"], cand["ious"], groups, heads.iou_nms_thresh),
@@ -694,6 +707,7 @@ def section_stages(setup, timer, repeat, warmup, checks):
             ),
         ),
         "refine": (f"IoU-Net _refine of {r} boxes (T={t}), CUDA graph", refine_graph),
+        "refine_contiguous": ("  _refine, CUDA graph, contiguous maps", refine_on(heads_contiguous, iou_in_contiguous)),
         "refine_eager": (
             f"IoU-Net _refine of {r} boxes (T={t}), kernels launched from Python",
             lambda: CUDAGraphCache.eager(heads._refine_boxes, refine_inputs),
@@ -708,6 +722,9 @@ def section_stages(setup, timer, repeat, warmup, checks):
         spec[a][0]: spec[b][0]
         for a, b in (
             ("box_prroi", "box_align"),
+            ("box_prroi_contiguous", "box_prroi"),
+            ("predict_contiguous", "predict"),
+            ("refine_contiguous", "refine"),
             ("heads_iou", "heads_std"),
             ("iou_nms", "batched_nms"),
             ("refine_eager", "refine"),
@@ -716,7 +733,7 @@ def section_stages(setup, timer, repeat, warmup, checks):
         )
     }
     rows = [row(n, stats[n], ref=stats[ref_of[n]] if n in ref_of else None) for n in names]
-    iou_stages = [spec[key][0] for key in ("candidates", "predict", "iou_nms", "topk", "refine")]
+    iou_stages = [spec[key][0] for key in ("maps", "candidates", "predict", "iou_nms", "topk", "refine")]
     total = sum(stats[n]["median"] for n in iou_stages)
     fake = {"median": total, "p10": float("nan"), "p90": float("nan")}
     rows.append(
