@@ -216,3 +216,14 @@ def _nms_clusters_fake(boxes: Tensor, groups: Tensor, iou_threshold: float):
         groups.dim() == 1 and groups.size(0) == boxes.size(0), lambda: "_nms_clusters: groups must be (N,)"
     )
     return groups.new_empty(groups.shape, dtype=torch.bool), groups.new_empty(groups.shape)
+
+
+@torch.library.register_fake("prroi_d2::_channels_last")
+def _channels_last_fake(features: Tensor) -> Tensor:
+    if features.dim() != 4:
+        raise ValueError(f"_channels_last: features must be (N, C, H, W), got shape {tuple(features.shape)}")
+    if features.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(
+            f"_channels_last: features must be float16, bfloat16, float32 or float64, got {features.dtype}"
+        )
+    return torch.empty_like(features, memory_format=torch.channels_last)

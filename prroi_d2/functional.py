@@ -143,6 +143,15 @@ def prroi_pool_levels(
     )
 
 
+def channels_last_copy(features: Tensor) -> Tensor:
+    """A copy of ``features`` (N, C, H, W) in the channels-last memory format, which the CUDA kernels read with
+    coalesced loads. On CUDA a tiled transpose (torch's own strided copy reaches about a quarter of the bandwidth);
+    where a gradient is wanted, torch's differentiable copy."""
+    if torch.is_grad_enabled() and features.requires_grad:
+        return features.clone(memory_format=torch.channels_last)
+    return torch.ops.prroi_d2._channels_last(features)
+
+
 def assign_fpn_levels(
     rois: Tensor, spatial_scales: Sequence[float], canonical_box_size: float = 224.0, canonical_level: int = 4
 ) -> Tensor:

@@ -189,3 +189,43 @@ def test_cpu_channels_last_equals_contiguous():
     out = prroi_pool(features.contiguous(memory_format=CL), rois, (3, 4), 0.25, True)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     assert math.isfinite(out.sum().item()) and out.abs().sum() > 0
+
+
+COPY_OP = torch.ops.prroi_d2._channels_last
+
+
+def copy_inputs(device):
+    """(N, C, H, W) maps of odd sizes: contiguous, already channels-last, and a non-contiguous view."""
+    base = random_features((3, 37, 29, 41), seed=25).to(device)
+    return [base, base.contiguous(memory_format=CL), base[:, 1:36:2, 3:, ::2]]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16, torch.bfloat16])
+def test_channels_last_copy(device, dtype):
+    """_channels_last: the same values in channels-last strides, never the input's storage."""
+    from prroi_d2.functional import channels_last_copy
+
+    for x in copy_inputs(device):
+        x = x.to(dtype)
+        out = channels_last_copy(x)
+        assert out.shape == x.shape and out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+        assert out.data_ptr() != x.data_ptr()
+        assert torch.equal(out, x) and out.abs().sum() > 0
+
+
+def test_channels_last_copy_opcheck_errors_and_gradient():
+    from prroi_d2.functional import channels_last_copy
+
+    torch.library.opcheck(COPY_OP, (random_features((2, 5, 3, 4), seed=26),))
+    with pytest.raises(ValueError, match=r"_channels_last: features must be \(N, C, H, W\)"):
+        COPY_OP(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match="_channels_last: features must be float16, bfloat16, float32 or float64"):
+        COPY_OP(torch.ones(1, 2, 3, 4, dtype=torch.int32))
+    x = random_features((2, 3, 4, 5), seed=27).requires_grad_(True)
+    assert torch.autograd.gradcheck(channels_last_copy, (x,))
+
+
+@pytest.mark.cuda
+def test_cuda_channels_last_copy_opcheck():
+    torch.library.opcheck(COPY_OP, (random_features((2, 40, 9, 70), device="cuda", seed=28),))

@@ -22,6 +22,7 @@ from torchvision.ops import roi_align
 
 import prroi_d2
 from prroi_d2 import assign_fpn_levels, prroi_pool_levels
+from prroi_d2.functional import channels_last_copy
 
 STRIDES = (4, 8, 16, 32)
 SCALES = [1.0 / s for s in STRIDES]
@@ -191,8 +192,9 @@ def cuda_rows(args, checks):
             rows.append((f"forward float16, channels-last vs contiguous, {tag}", last_half, m1, half, None))
             if num_rois == args.rois[0] and size == args.sizes[0]:
                 one = [f[:1] for f in feats]
-                convert, m1 = t(lambda: [f.contiguous(memory_format=torch.channels_last) for f in one])
-                rows.append(("channels-last copy of the maps of one 800x1216 image", convert, m1, None, None))
+                convert, m1 = t(lambda: [channels_last_copy(f) for f in one])
+                by_torch, m2 = t(lambda: [f.contiguous(memory_format=torch.channels_last) for f in one])
+                rows.append(("channels-last copy of one image's maps, ours vs torch's", convert, m1, by_torch, m2))
             for name, features_grad, rois_grad in (("feature", True, False), ("coordinate", False, True)):
                 default, m2 = t(lambda: prroi_backward(ones, feats, rois, size, features_grad, rois_grad))
                 det, m1 = t(deterministic(lambda: prroi_backward(ones, feats, rois, size, features_grad, rois_grad)))

@@ -209,6 +209,14 @@ void check_levels_args(
                     " but rois are on ", rois.device());
 }
 
+void check_channels_last_args(const at::Tensor& features) {
+  TORCH_CHECK_VALUE(features.dim() == 4, "_channels_last: features must be (N, C, H, W), got shape ",
+                    features.sizes());
+  TORCH_CHECK_VALUE(is_features_dtype(features.scalar_type()),
+                    "_channels_last: features must be float16, bfloat16, float32 or float64, got ",
+                    features.scalar_type());
+}
+
 void check_levels_backward_args(
     const at::Tensor& grad_output,
     at::TensorList features,
@@ -265,6 +273,8 @@ TORCH_LIBRARY(prroi_d2, m) {
   // processing order, each group's boxes contiguous and groups ascending; returns keep (N,) bool and head (N,) int64,
   // the position of the kept box whose cluster each box joins (its own position when kept).
   m.def("_nms_clusters(Tensor boxes, Tensor groups, float iou_threshold) -> (Tensor, Tensor)");
+  // A copy of features (N, C, H, W) in the channels-last memory format, which the pooling kernels read as it is.
+  m.def("_channels_last(Tensor features) -> Tensor");
   m.def("_cuda_version() -> int", &cuda_version);
   m.def("_cuda_kernel_arch(int device) -> int", &cuda_kernel_arch);
 }

@@ -107,5 +107,8 @@ void check_levels_backward_args(
     int64_t pooled_width,
     at::ArrayRef<double> spatial_scales);
 
+// _channels_last: features (N, C, H, W) of a floating dtype.
+void check_channels_last_args(const at::Tensor& features);
+
 }  // namespace detail
 }  // namespace prroi_d2

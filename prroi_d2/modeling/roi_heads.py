@@ -11,6 +11,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import Tensor
 
+from prroi_d2.functional import channels_last_copy
 from prroi_d2.modeling import poolers
 from prroi_d2.modeling.box_jitter import sample_jittered_boxes
 from prroi_d2.modeling.cuda_graphs import CUDAGraphCache
@@ -256,7 +257,7 @@ class IoUNetROIHeads(StandardROIHeads):
         maps = dict(features)
         for name in names:
             if features[name].is_cuda:
-                maps[name] = features[name].contiguous(memory_format=torch.channels_last)
+                maps[name] = channels_last_copy(features[name])
         return maps
 
     def _candidates(self, boxes, scores, image_sizes) -> Dict[str, Tensor]:

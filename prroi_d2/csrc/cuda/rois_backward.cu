@@ -5,8 +5,8 @@
 // and channel, as in the forward), then weighs G once with the area and edge weights and applies the chain rule
 // from the bin to the box. The threads of a block sum in a fixed order.
 //
-// Channels-last maps: a box's items are (bin, channel) pairs, the channel fastest, so a warp's loads of a pixel read
-// consecutive channels (coalesced); a thread's sums are those of dL/dout_c * F_c over its window, for one channel.
+// Channels-last maps: a box's items are (bin, lane) pairs, the lane fastest; lane l takes channels l, l + 32, ..., so
+// a warp's loads of a pixel read 32 consecutive channels (coalesced), and a thread weighs its window once for all.
 //
 // A box's items ((channel group, bin) pairs of channels-first maps) are cut into `parts` blocks (enough blocks to fill
 // the GPU). By default the blocks add their shares into a zeroed gradient with atomics (the gradient is float32 or
@@ -125,11 +125,32 @@ __device__ EdgeSums<acc_t> edge_sums_looped(
   return e;
 }
 
-// EdgeSums of one channel of a channels-last map over the bin's window, scaled by that channel's dL/dout `go`: `p`
-// at pixel (i0, j0), pixels `pixel_stride` apart and rows `row_stride`.
+// EdgeSums over the channels c = l, l + kLanes, ... < C of a channels-last map (a thread's share of a bin,
+// `channels` of them): as edge_sums_unrolled, G = sum_c dL/dout_c * F_c over the window first, then the weights once. `p` is
+// channel l at pixel (i0, j0) (channels 1 apart, pixels C apart, rows row_stride apart), `go` dL/dout of channel l,
+// channels go_stride apart.
 template <int P, typename scalar_t, typename acc_t>
-__device__ __forceinline__ EdgeSums<acc_t> edge_sums_channel_unrolled(
-    const scalar_t* __restrict__ p, int64_t row_stride, int pixel_stride, const BinWindow<acc_t>& b, acc_t go) {
+__device__ __forceinline__ EdgeSums<acc_t> edge_sums_lanes_unrolled(
+    const scalar_t* __restrict__ p, int64_t row_stride, int C, int channels, const BinWindow<acc_t>& b,
+    const scalar_t* __restrict__ go, int64_t go_stride) {
+  acc_t G[P][P];
+#pragma unroll
+  for (int ii = 0; ii < P; ++ii) {
+#pragma unroll
+    for (int jj = 0; jj < P; ++jj) G[ii][jj] = 0;
+  }
+#pragma unroll 2
+  for (int q = 0; q < channels; ++q) {
+    const acc_t gq = static_cast<acc_t>(go[q * kLanes * go_stride]);
+    const scalar_t* pq = p + q * kLanes;
+#pragma unroll
+    for (int ii = 0; ii < P; ++ii) {
+#pragma unroll
+      for (int jj = 0; jj < P; ++jj) {
+        if (ii < b.ni && jj < b.nj) G[ii][jj] += gq * static_cast<acc_t>(pq[ii * row_stride + int64_t(jj) * C]);
+      }
+    }
+  }
   acc_t wx[P], hx_lo[P], hx_hi[P];
 #pragma unroll
   for (int jj = 0; jj < P; ++jj) {
@@ -143,32 +164,34 @@ __device__ __forceinline__ EdgeSums<acc_t> edge_sums_channel_unrolled(
     acc_t r = 0, r_lo = 0, r_hi = 0;
 #pragma unroll
     for (int jj = 0; jj < P; ++jj) {
-      if (ii < b.ni && jj < b.nj) {
-        const acc_t v = go * static_cast<acc_t>(p[ii * row_stride + jj * pixel_stride]);
-        r += wx[jj] * v;
-        r_lo += hx_lo[jj] * v;
-        r_hi += hx_hi[jj] * v;
-      }
+      r += wx[jj] * G[ii][jj];
+      r_lo += hx_lo[jj] * G[ii][jj];
+      r_hi += hx_hi[jj] * G[ii][jj];
     }
-    if (ii < b.ni) e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
+    e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
   }
   return e;
 }
 
 template <typename scalar_t, typename acc_t>
-__device__ EdgeSums<acc_t> edge_sums_channel_looped(
-    const scalar_t* __restrict__ p, int64_t row_stride, int pixel_stride, const BinWindow<acc_t>& b, acc_t go) {
+__device__ EdgeSums<acc_t> edge_sums_lanes_looped(
+    const scalar_t* __restrict__ p, int64_t row_stride, int C, int channels, const BinWindow<acc_t>& b,
+    const scalar_t* __restrict__ go, int64_t go_stride) {
   EdgeSums<acc_t> e;
-  for (int ii = 0; ii < b.ni; ++ii) {
-    acc_t r = 0, r_lo = 0, r_hi = 0;
-    for (int jj = 0; jj < b.nj; ++jj) {
-      const int j = b.j0 + jj;
-      const acc_t v = go * static_cast<acc_t>(p[ii * row_stride + jj * pixel_stride]);
-      r += cell_weight(b.x_lo, b.x_hi, j) * v;
-      r_lo += hat(b.x_lo, j) * v;
-      r_hi += hat(b.x_hi, j) * v;
+  for (int q = 0; q < channels; ++q) {
+    const acc_t gq = static_cast<acc_t>(go[q * kLanes * go_stride]);
+    const scalar_t* pq = p + q * kLanes;
+    for (int ii = 0; ii < b.ni; ++ii) {
+      acc_t r = 0, r_lo = 0, r_hi = 0;
+      for (int jj = 0; jj < b.nj; ++jj) {
+        const int j = b.j0 + jj;
+        const acc_t v = gq * static_cast<acc_t>(pq[ii * row_stride + int64_t(jj) * C]);
+        r += cell_weight(b.x_lo, b.x_hi, j) * v;
+        r_lo += hat(b.x_lo, j) * v;
+        r_hi += hat(b.x_hi, j) * v;
+      }
+      e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
     }
-    e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
   }
   return e;
 }
@@ -209,7 +232,8 @@ __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
   __shared__ acc_t partial[4][kThreads / 32];
   __shared__ acc_t block_total[4];  // this block's share, read by the cluster's first block
   const int bins = ph_n * pw_n;
-  const int items = kChannelsLast ? C * bins : channel_groups(C) * bins;  // a box's (channels, bin) items
+  const int slots = min(C, kLanes);  // channels-last: a bin's items, one per lane
+  const int items = (kChannelsLast ? slots : channel_groups(C)) * bins;  // a box's (channels, bin) items
   const int t = threadIdx.x;
   for (int64_t task = blockIdx.x; task < K * parts; task += gridDim.x) {
     const int64_t k = task / parts;
@@ -228,21 +252,21 @@ __global__ void __launch_bounds__(kThreads, 2) rois_backward_kernel(
     const int begin = part * per_part;
     const int end = begin + min(per_part, items - begin);
     for (int item = begin + t; item < end; item += kThreads) {
-      const int bin = kChannelsLast ? item / C : item % bins;
-      const int c0 = kChannelsLast ? item % C : (item / bins) * kChannelsPerThread;
+      const int bin = kChannelsLast ? item / slots : item % bins;
+      const int c0 = kChannelsLast ? item % slots : (item / bins) * kChannelsPerThread;
       const int ph = bin / pw_n, pw = bin % pw_n;
       const BinWindow<acc_t> b = bin_window(g, ph, pw, H, W);
       if (b.ni <= 0 || b.nj <= 0) continue;  // outside the map: the bin and its derivatives are zero
       const scalar_t* go = grad + k * gs.k + c0 * gs.c + ph * gs.h + pw * gs.w;
       EdgeSums<acc_t> e;
-      if constexpr (kChannelsLast) {
+      if constexpr (kChannelsLast) {  // channels c0, c0 + kLanes, ...
         const scalar_t* p = box.image + (int64_t(b.i0) * W + b.j0) * C + c0;
         const int64_t row_stride = int64_t(W) * C;
-        const acc_t go_c = static_cast<acc_t>(*go);
+        const int channels = (C - c0 + kLanes - 1) / kLanes;
         const bool done = with_unrolled_window(b.ni, b.nj, [&](auto n) {
-          e = edge_sums_channel_unrolled<decltype(n)::value>(p, row_stride, C, b, go_c);
+          e = edge_sums_lanes_unrolled<decltype(n)::value>(p, row_stride, C, channels, b, go, gs.c);
         });
-        if (!done) e = edge_sums_channel_looped(p, row_stride, C, b, go_c);
+        if (!done) e = edge_sums_lanes_looped(p, row_stride, C, channels, b, go, gs.c);
       } else {
         const int channels = min(kChannelsPerThread, C - c0);
         const scalar_t* window = box.image + c0 * plane_stride + int64_t(b.i0) * W + b.j0;
@@ -322,7 +346,7 @@ void launch_rois_backward(
     grad_rois.zero_();
     return;
   }
-  const int64_t items = (channels_last ? C : channel_groups(C)) * int64_t(ph_n) * pw_n;
+  const int64_t items = (channels_last ? std::min(C, kLanes) : channel_groups(C)) * int64_t(ph_n) * pw_n;
   TORCH_CHECK_VALUE(items <= std::numeric_limits<int32_t>::max(), "prroi_pool2d: channels x pooled_height x "
                     "pooled_width is too large for the CUDA coordinate gradient, got ", grad_output.sizes());
   // Atomics when allowed (the fastest: a block never waits for another), clusters where determinism is asked for
