@@ -7,7 +7,7 @@ type.
 
 import ctypes
 import math
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -227,3 +227,23 @@ def _channels_last_fake(features: Tensor) -> Tensor:
             f"_channels_last: features must be float16, bfloat16, float32 or float64, got {features.dtype}"
         )
     return torch.empty_like(features, memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("prroi_d2::_refine_step")
+def _refine_step_fake(
+    boxes: Tensor,
+    grad: Optional[Tensor],
+    ious: Tensor,
+    previous: Tensor,
+    best_boxes: Tensor,
+    best_ious: Tensor,
+    active: Tensor,
+    clip_size: Optional[Tensor],
+    step: float,
+    stop_delta: float,
+    stop_drop: float,
+    first: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if boxes.dim() != 2 or boxes.size(1) != 4:
+        raise ValueError(f"_refine_step: boxes must be (K, 4), got {tuple(boxes.shape)}")
+    return torch.empty_like(boxes), torch.empty_like(boxes), torch.empty_like(ious), torch.empty_like(active)

@@ -86,7 +86,7 @@ def test_cuda_channels_last_levels_match_cpu(dtype, channels, size, deterministi
         others = torch.arange(count) != 1
         for i in (0, 1):
             got[i], want[i] = got[i][others.to(got[i].device)], want[i][others]
-        assert_all_close(got, want, 1e-9 if dtype == F64 else 2e-5)
+        assert_all_close(got, want, 1e-9 if dtype == F64 else 1e-4)  # float32: sums of ~10^4 terms
 
 
 @pytest.mark.cuda
@@ -175,7 +175,10 @@ def test_cuda_channels_last_kernels_are_the_ones_run():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             prroi_pool_levels(maps, rois, levels, 7, SCALES, True).sum().backward()
             torch.cuda.synchronize()
-        return " ".join(e.name for e in prof.events())
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not names:  # e.g. under compute-sanitizer, where the profiler's CUDA activities are missing
+            pytest.skip("the profiler records no CUDA kernels here")
+        return " ".join(names)
 
     assert "forward_channels_last_kernel" in kernels(channels_last(features))
     assert "forward_channels_last_kernel" not in kernels(features)

@@ -133,3 +133,73 @@ def test_bad_arguments_are_named(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         refine_boxes(**args)
+
+
+def reference_refine_step(
+    boxes, grad, ious, previous, best_boxes, best_ious, active, clip_size, step, delta, drop, first
+):
+    """_refine_step written with torch's element-wise ops, as Algorithm 2 reads."""
+    if first:
+        best_boxes, best_ious = boxes, ious
+    else:
+        improved = active & (ious > best_ious)
+        best_boxes = torch.where(improved[:, None], boxes, best_boxes)
+        best_ious = torch.where(improved, ious, best_ious)
+        change = ious - previous
+        active = active & (change.abs() >= delta) & (change >= drop)
+    if grad is not None:
+        size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+        moved = boxes + step * grad * size
+        if clip_size is not None:
+            high = clip_size.flip(1).repeat(1, 2)
+            moved = torch.minimum(torch.maximum(moved, torch.zeros_like(moved)), high)
+        boxes = torch.where(active[:, None], moved, boxes)
+    return boxes, best_boxes, best_ious, active
+
+
+def _step_inputs(device, dtype, k=300, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.rand(k, 2, generator=g, dtype=torch.float64) * 80
+    boxes = torch.cat([boxes, boxes + torch.rand(k, 2, generator=g, dtype=torch.float64) * 60], dim=1)
+    grad = torch.randn(k, 4, generator=g, dtype=torch.float64)
+    ious = torch.rand(k, generator=g, dtype=torch.float64)
+    previous = ious + torch.randn(k, generator=g, dtype=torch.float64) * 0.01  # some changes below Omega_1
+    previous[::7] = ious[::7] + 0.0005
+    best_ious = torch.rand(k, generator=g, dtype=torch.float64)
+    best_boxes = boxes + torch.randn(k, 4, generator=g, dtype=torch.float64)
+    active = torch.rand(k, generator=g) > 0.2
+    ious[5], previous[6], grad[7, 2] = float("nan"), float("nan"), float("nan")
+    clip = torch.tensor([[100.0, 120.0]], dtype=torch.float64).repeat(k, 1)
+    args = [boxes, grad, ious, previous, best_boxes, best_ious, active, clip]
+    return [a.to(device=device, dtype=dtype if a.is_floating_point() else a.dtype) for a in args]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("with_grad", [False, True])
+@pytest.mark.parametrize("with_clip", [False, True])
+def test_refine_step_op_equals_the_element_wise_reference(device, dtype, first, with_grad, with_clip):
+    args = _step_inputs(device, dtype)
+    if not with_grad:
+        args[1] = None
+    if not with_clip:
+        args[7] = None
+    got = torch.ops.prroi_d2._refine_step(*args, 0.5, 0.001, -0.01, first)
+    want = reference_refine_step(*args, 0.5, 0.001, -0.01, first)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-6, atol=1e-5)
+    assert not torch.equal(got[0], args[0]) if with_grad else torch.equal(got[0], args[0])
+    assert first or (got[3] != args[6]).any()  # the stop rules stopped some boxes
+
+
+def test_refine_step_opcheck_and_named_errors():
+    args = _step_inputs("cpu", torch.float32, k=9)
+    torch.library.opcheck(torch.ops.prroi_d2._refine_step, (*args, 0.5, 0.001, -0.01, False))
+    bad = {1: torch.ones(9, 3), 2: torch.ones(8), 6: torch.ones(9), 7: torch.ones(9, 2, dtype=torch.float64)}
+    for i, value in bad.items():
+        broken = list(args)
+        broken[i] = value
+        name = ["boxes", "grad", "ious", "previous", "best_boxes", "best_ious", "active", "clip_size"][i]
+        with pytest.raises((ValueError, TypeError), match=f"_refine_step: {name}"):
+            torch.ops.prroi_d2._refine_step(*broken, 0.5, 0.001, -0.01, False)

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 LOG_DIR=${OUT:-gpu-logs}
 mkdir -p "$LOG_DIR"
 LOG_DIR=$(cd "$LOG_DIR" && pwd)
-OP_TESTS="tests/test_prroi_pool.py tests/test_prroi_pool_levels.py tests/test_op_hardening.py tests/test_iou_guided_nms.py tests/test_channels_last.py"
+OP_TESTS="tests/test_prroi_pool.py tests/test_prroi_pool_levels.py tests/test_op_hardening.py tests/test_iou_guided_nms.py tests/test_channels_last.py tests/test_refinement.py"
 export PYTHONUNBUFFERED=1
 
 step() { echo "== $* ($(date +%T))"; }

@@ -275,6 +275,12 @@ TORCH_LIBRARY(prroi_d2, m) {
   m.def("_nms_clusters(Tensor boxes, Tensor groups, float iou_threshold) -> (Tensor, Tensor)");
   // A copy of features (N, C, H, W) in the channels-last memory format, which the pooling kernels read as it is.
   m.def("_channels_last(Tensor features) -> Tensor");
+  // One step of IoU-Net's box refinement for every box (prroi_d2.modeling.refine_boxes; see refine_step.h):
+  // returns (boxes, best_boxes, best_ious, active) after the step.
+  m.def(
+      "_refine_step(Tensor boxes, Tensor? grad, Tensor ious, Tensor previous, Tensor best_boxes, Tensor best_ious, "
+      "Tensor active, Tensor? clip_size, float step, float stop_delta, float stop_drop, bool first) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("_cuda_version() -> int", &cuda_version);
   m.def("_cuda_kernel_arch(int device) -> int", &cuda_kernel_arch);
 }

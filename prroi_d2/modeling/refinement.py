@@ -51,37 +51,35 @@ def refine_boxes(
     if clip_size is not None and clip_size.shape != (boxes.size(0), 2):
         raise ValueError(f"refine_boxes: clip_size must be (K, 2) = ({boxes.size(0)}, 2), got {tuple(clip_size.shape)}")
     with torch.inference_mode(False), torch.enable_grad():
-        current = boxes.detach().clone()
-        k = boxes.size(0)
-        low = high = None
-        if clip_size is not None:  # (K, 4) bounds: 0 and (w, h, w, h)
-            high = clip_size.to(current).flip(1).repeat(1, 2)
-            low = torch.zeros_like(high)
-        active = torch.ones(k, dtype=torch.bool, device=boxes.device)
-        best_boxes = current.clone()
-        initial = best_ious = previous = None
+        # The step itself (best-box bookkeeping, stop rules, move, clip) is one op, _refine_step: one kernel per
+        # iteration on CUDA. It works in float32 or float64.
+        dtype = torch.promote_types(boxes.dtype, torch.float32)
+        current = boxes.detach().to(dtype, copy=True)
+        bounds = None if clip_size is None else clip_size.to(current)
+        active = torch.ones(boxes.size(0), dtype=torch.bool, device=boxes.device)
+        best_boxes, best_ious, previous, initial = current, None, None, None
         for t in range(max_iter + 1):
             last = t == max_iter
             point = current.detach().requires_grad_(not last)
             ious = predict_iou(point)
             grad = None if last else torch.autograd.grad(ious.sum(), point)[0]
-            ious = ious.detach()
+            initial = ious.detach() if t == 0 else initial
+            ious = ious.detach().to(dtype)
             if t == 0:
-                initial, best_ious = ious, ious.clone()
-            else:
-                improved = active & (ious > best_ious)
-                best_boxes = torch.where(improved[:, None], current, best_boxes)
-                best_ious = torch.where(improved, ious, best_ious)
-                change = ious - previous
-                active = active & (change.abs() >= stop_delta) & (change >= stop_drop)
+                previous = best_ious = ious
+            current, best_boxes, best_ious, active = torch.ops.prroi_d2._refine_step(
+                current,
+                grad,
+                ious,
+                previous,
+                best_boxes,
+                best_ious,
+                active,
+                bounds,
+                step,
+                stop_delta,
+                stop_drop,
+                t == 0,
+            )
             previous = ious
-            if last:
-                break
-            # b += step * grad * (w, h, w, h), in few kernels (refinement is launch-bound): on (K, 2, 2) views.
-            corners = current.view(k, 2, 2)
-            size = (corners[:, 1] - corners[:, 0])[:, None, :]
-            moved = torch.addcmul(corners, grad.view(k, 2, 2), size, value=step).view(k, 4)
-            if high is not None:
-                moved = torch.clamp(moved, low, high)
-            current = torch.where(active[:, None], moved, current)
-    return best_boxes, best_ious, initial
+    return best_boxes.to(boxes.dtype), best_ious.to(initial.dtype), initial
