@@ -61,11 +61,11 @@ def refine_boxes(
         for t in range(max_iter + 1):
             last = t == max_iter
             point = current.detach().requires_grad_(not last)
-            ious = predict_iou(point)
-            grad = None if last else torch.autograd.grad(ious.sum(), point)[0]
-            initial = ious.detach() if t == 0 else initial
-            ious = ious.detach().to(dtype)
+            predicted = predict_iou(point)
+            grad = None if last else torch.autograd.grad(predicted.sum(), point)[0]
+            ious = predicted.detach().to(dtype)
             if t == 0:
+                initial = predicted.detach()
                 previous = best_ious = ious
             current, best_boxes, best_ious, active = torch.ops.prroi_d2._refine_step(
                 current,
