@@ -226,7 +226,9 @@ __device__ __forceinline__ acc_t pool_channel_unrolled(
     acc_t row = 0;
 #pragma unroll
     for (int jj = 0; jj < P; ++jj) {
-      if (ii < b.ni && jj < b.nj) row += wx[jj] * static_cast<acc_t>(p[ii * row_stride + jj * pixel_stride]);
+      if (ii < b.ni && jj < b.nj) {
+        row += wx[jj] * static_cast<acc_t>(p[ii * row_stride + int64_t(jj) * pixel_stride]);
+      }
     }
     if (ii < b.ni) sum += cell_weight(b.y_lo, b.y_hi, b.i0 + ii) * inv_area * row;
   }
@@ -241,7 +243,8 @@ __device__ acc_t pool_channel_looped(
   for (int ii = 0; ii < b.ni; ++ii) {
     acc_t row = 0;
     for (int jj = 0; jj < b.nj; ++jj) {
-      row += cell_weight(b.x_lo, b.x_hi, b.j0 + jj) * static_cast<acc_t>(p[ii * row_stride + jj * pixel_stride]);
+      const acc_t v = static_cast<acc_t>(p[ii * row_stride + int64_t(jj) * pixel_stride]);
+      row += cell_weight(b.x_lo, b.x_hi, b.j0 + jj) * v;
     }
     sum += cell_weight(b.y_lo, b.y_hi, b.i0 + ii) * inv_area * row;
   }

@@ -125,8 +125,8 @@ __device__ EdgeSums<acc_t> edge_sums_looped(
   return e;
 }
 
-// EdgeSums over the channels c = l, l + kLanes, ... < C of a channels-last map (a thread's share of a bin,
-// `channels` of them): as edge_sums_unrolled, G = sum_c dL/dout_c * F_c over the window first, then the weights once. `p` is
+// EdgeSums over the channels c = l, l + kLanes, ... < C of a channels-last map (a thread's share of a bin, `channels`
+// of them): as edge_sums_unrolled, G = sum_c dL/dout_c * F_c over the window first, then the weights once. `p` is
 // channel l at pixel (i0, j0) (channels 1 apart, pixels C apart, rows row_stride apart), `go` dL/dout of channel l,
 // channels go_stride apart.
 template <int P, typename scalar_t, typename acc_t>
