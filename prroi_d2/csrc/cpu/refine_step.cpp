@@ -7,6 +7,8 @@
 
 namespace prroi_d2 {
 
+namespace {
+
 void check_refine_step_args(
     const at::Tensor& boxes, const c10::optional<at::Tensor>& grad, const at::Tensor& ious, const at::Tensor& previous,
     const at::Tensor& best_boxes, const at::Tensor& best_ious, const at::Tensor& active,
@@ -32,43 +34,38 @@ void check_refine_step_args(
   if (clip_size.has_value()) check(*clip_size, "clip_size", {k, 2}, dtype);
 }
 
+}  // namespace
+
+StepTensors prepare_refine_step(
+    const at::Tensor& boxes, const c10::optional<at::Tensor>& grad, const at::Tensor& ious, const at::Tensor& previous,
+    const at::Tensor& best_boxes, const at::Tensor& best_ious, const at::Tensor& active,
+    const c10::optional<at::Tensor>& clip_size) {
+  check_refine_step_args(boxes, grad, ious, previous, best_boxes, best_ious, active, clip_size);
+  StepTensors t;
+  t.boxes = boxes.contiguous();
+  t.grad = grad.has_value() ? grad->contiguous() : at::Tensor();
+  t.ious = ious.contiguous();
+  t.previous = previous.contiguous();
+  t.best_boxes = best_boxes.contiguous();
+  t.best_ious = best_ious.contiguous();
+  t.active = active.contiguous();
+  t.clip_size = clip_size.has_value() ? clip_size->contiguous() : at::Tensor();
+  t.outputs = {at::empty_like(t.boxes), at::empty_like(t.boxes), at::empty_like(t.ious), at::empty_like(t.active)};
+  return t;
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_step_cpu(
-    const at::Tensor& boxes_in, const c10::optional<at::Tensor>& grad_in, const at::Tensor& ious_in,
-    const at::Tensor& previous_in, const at::Tensor& best_boxes_in, const at::Tensor& best_ious_in,
-    const at::Tensor& active_in, const c10::optional<at::Tensor>& clip_size_in, double step, double stop_delta,
-    double stop_drop, bool first) {
-  check_refine_step_args(boxes_in, grad_in, ious_in, previous_in, best_boxes_in, best_ious_in, active_in,
-                         clip_size_in);
-  const at::Tensor boxes = boxes_in.contiguous(), ious = ious_in.contiguous(), previous = previous_in.contiguous();
-  const at::Tensor best_boxes = best_boxes_in.contiguous(), best_ious = best_ious_in.contiguous();
-  const at::Tensor active = active_in.contiguous();
-  const at::Tensor grad = grad_in.has_value() ? grad_in->contiguous() : at::Tensor();
-  const at::Tensor clip_size = clip_size_in.has_value() ? clip_size_in->contiguous() : at::Tensor();
-  at::Tensor out_boxes = at::empty_like(boxes), out_best_boxes = at::empty_like(boxes);
-  at::Tensor out_best_ious = at::empty_like(ious), out_active = at::empty_like(active);
-  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "_refine_step_cpu", [&] {
-    const scalar_t* b = boxes.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad.defined() ? grad.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* c = clip_size.defined() ? clip_size.const_data_ptr<scalar_t>() : nullptr;
-    for (int64_t k = 0; k < boxes.size(0); ++k) {
-      StepBox<scalar_t> in;
-      in.box = b + 4 * k;
-      in.grad = g != nullptr ? g + 4 * k : nullptr;
-      in.bound = c != nullptr ? c + 2 * k : nullptr;
-      in.best_box = best_boxes.const_data_ptr<scalar_t>() + 4 * k;
-      in.iou = ious.const_data_ptr<scalar_t>()[k];
-      in.previous = previous.const_data_ptr<scalar_t>()[k];
-      in.best_iou = best_ious.const_data_ptr<scalar_t>()[k];
-      in.active = active.const_data_ptr<bool>()[k];
-      refine_step_box(in, first, scalar_t(step), scalar_t(stop_delta), scalar_t(stop_drop),
-                      out_boxes.mutable_data_ptr<scalar_t>() + 4 * k,
-                      out_best_boxes.mutable_data_ptr<scalar_t>() + 4 * k,
-                      out_best_ious.mutable_data_ptr<scalar_t>() + k, out_active.mutable_data_ptr<bool>() + k);
-    }
+    const at::Tensor& boxes, const c10::optional<at::Tensor>& grad, const at::Tensor& ious, const at::Tensor& previous,
+    const at::Tensor& best_boxes, const at::Tensor& best_ious, const at::Tensor& active,
+    const c10::optional<at::Tensor>& clip_size, double step, double stop_delta, double stop_drop, bool first) {
+  StepTensors t = prepare_refine_step(boxes, grad, ious, previous, best_boxes, best_ious, active, clip_size);
+  AT_DISPATCH_FLOATING_TYPES(t.boxes.scalar_type(), "_refine_step_cpu", [&] {
+    const StepData<scalar_t> d = t.data<scalar_t>(step, stop_delta, stop_drop, first);
+    for (int64_t k = 0; k < t.boxes.size(0); ++k) refine_step_box(d, k);
   });
-  return {out_boxes, out_best_boxes, out_best_ious, out_active};
+  return t.outputs;
 }
 
 }  // namespace

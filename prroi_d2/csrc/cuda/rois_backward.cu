@@ -55,6 +55,32 @@ struct EdgeSums {
   }
 };
 
+// The edge sums of a P x P window from G[i][j] = sum_c dL/dout_c * F_c[i0 + i, j0 + j] (zero outside the window,
+// where the weights then multiply zeros): the x weights once, then row by row.
+template <int P, typename acc_t>
+__device__ __forceinline__ EdgeSums<acc_t> edge_sums_of(const acc_t (&G)[P][P], const BinWindow<acc_t>& b) {
+  acc_t wx[P], hx_lo[P], hx_hi[P];
+#pragma unroll
+  for (int jj = 0; jj < P; ++jj) {
+    wx[jj] = cell_weight(b.x_lo, b.x_hi, b.j0 + jj);
+    hx_lo[jj] = hat(b.x_lo, b.j0 + jj);
+    hx_hi[jj] = hat(b.x_hi, b.j0 + jj);
+  }
+  EdgeSums<acc_t> e;
+#pragma unroll
+  for (int ii = 0; ii < P; ++ii) {
+    acc_t r = 0, r_lo = 0, r_hi = 0;
+#pragma unroll
+    for (int jj = 0; jj < P; ++jj) {
+      r += wx[jj] * G[ii][jj];
+      r_lo += hx_lo[jj] * G[ii][jj];
+      r_hi += hx_hi[jj] * G[ii][jj];
+    }
+    e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
+  }
+  return e;
+}
+
 template <int P, typename scalar_t, typename acc_t>
 __device__ __forceinline__ EdgeSums<acc_t> edge_sums_unrolled(
     const scalar_t* __restrict__ window, int64_t plane_stride, int W, const BinWindow<acc_t>& b, int channels,
@@ -79,27 +105,7 @@ __device__ __forceinline__ EdgeSums<acc_t> edge_sums_unrolled(
       }
     }
   }
-  // Weights outside the window multiply zeros of G.
-  acc_t wx[P], hx_lo[P], hx_hi[P];
-#pragma unroll
-  for (int jj = 0; jj < P; ++jj) {
-    wx[jj] = cell_weight(b.x_lo, b.x_hi, b.j0 + jj);
-    hx_lo[jj] = hat(b.x_lo, b.j0 + jj);
-    hx_hi[jj] = hat(b.x_hi, b.j0 + jj);
-  }
-  EdgeSums<acc_t> e;
-#pragma unroll
-  for (int ii = 0; ii < P; ++ii) {
-    acc_t r = 0, r_lo = 0, r_hi = 0;
-#pragma unroll
-    for (int jj = 0; jj < P; ++jj) {
-      r += wx[jj] * G[ii][jj];
-      r_lo += hx_lo[jj] * G[ii][jj];
-      r_hi += hx_hi[jj] * G[ii][jj];
-    }
-    e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
-  }
-  return e;
+  return edge_sums_of(G, b);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -151,26 +157,7 @@ __device__ __forceinline__ EdgeSums<acc_t> edge_sums_lanes_unrolled(
       }
     }
   }
-  acc_t wx[P], hx_lo[P], hx_hi[P];
-#pragma unroll
-  for (int jj = 0; jj < P; ++jj) {
-    wx[jj] = cell_weight(b.x_lo, b.x_hi, b.j0 + jj);
-    hx_lo[jj] = hat(b.x_lo, b.j0 + jj);
-    hx_hi[jj] = hat(b.x_hi, b.j0 + jj);
-  }
-  EdgeSums<acc_t> e;
-#pragma unroll
-  for (int ii = 0; ii < P; ++ii) {
-    acc_t r = 0, r_lo = 0, r_hi = 0;
-#pragma unroll
-    for (int jj = 0; jj < P; ++jj) {
-      r += wx[jj] * G[ii][jj];
-      r_lo += hx_lo[jj] * G[ii][jj];
-      r_hi += hx_hi[jj] * G[ii][jj];
-    }
-    e.add_row(b, b.i0 + ii, r, r_lo, r_hi);
-  }
-  return e;
+  return edge_sums_of(G, b);
 }
 
 template <typename scalar_t, typename acc_t>
