@@ -153,19 +153,22 @@ def test_boxes_are_tight_extents_of_visible_regions(dataset):
 
 def test_register_twice(tmp_path):
     prefix = f"test_synth_{uuid.uuid4().hex[:8]}"
-    first = register_synthetic_datasets(str(tmp_path), num_train=6, num_val=3, prefix=prefix)
-    second = register_synthetic_datasets(str(tmp_path), num_train=6, num_val=3, prefix=prefix)
-    assert first == second and sorted(first) == [f"{prefix}_train", f"{prefix}_val"]
+    first = register_synthetic_datasets(str(tmp_path), num_train=6, num_val=3, prefix=prefix, num_holdout=2)
+    second = register_synthetic_datasets(str(tmp_path), num_train=6, num_val=3, prefix=prefix, num_holdout=2)
+    assert first == second and sorted(first) == [f"{prefix}_holdout", f"{prefix}_train", f"{prefix}_val"]
     data_root = tmp_path / f"synthetic_v{SYNTHETIC_VERSION}"
     assert first[f"{prefix}_train"] == str(data_root / "train.json")
     try:
-        for name, count in ((f"{prefix}_train", 6), (f"{prefix}_val", 3)):
+        for name, count in ((f"{prefix}_train", 6), (f"{prefix}_val", 3), (f"{prefix}_holdout", 2)):
             dicts = DatasetCatalog.get(name)
             assert len(dicts) == count and all(os.path.isfile(d["file_name"]) for d in dicts)
             meta = MetadataCatalog.get(name)
             assert meta.evaluator_type == "coco" and meta.json_file == first[name]
             assert meta.thing_classes == list(SYNTHETIC_CLASSES)
             assert meta.thing_dataset_id_to_contiguous_id == {i + 1: i for i in range(len(SYNTHETIC_CLASSES))}
+        # The holdout split is drawn apart from the others: no image of it repeats a training image.
+        pixels = {name: [open(d["file_name"], "rb").read() for d in DatasetCatalog.get(name)] for name in first}
+        assert not set(pixels[f"{prefix}_holdout"]) & set(pixels[f"{prefix}_train"] + pixels[f"{prefix}_val"])
         with pytest.raises(ValueError, match="already registered"):
             register_synthetic_datasets(str(tmp_path / "elsewhere"), num_train=2, num_val=1, prefix=prefix)
     finally:

@@ -34,7 +34,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter  # noqa: E40
 
 from prroi_d2 import add_iounet_config  # noqa: E402
 from prroi_d2.data import register_synthetic_datasets  # noqa: E402
-from prroi_d2.engine import launch  # noqa: E402
+from prroi_d2.engine import IoULearningMonitor, launch  # noqa: E402
 from prroi_d2.evaluation import IoUNetEvaluator, draw_refinement_examples  # noqa: E402
 
 SYNTHETIC_PREFIX = "iounet_synth"
@@ -58,6 +58,14 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def build_hooks(self):
+        """Detectron2's hooks, plus a warning if the IoU head still learns nothing well after warm-up (before the
+        writers, so the warning lands in the same iteration's log)."""
+        hooks = super().build_hooks()
+        start = max(3 * self.cfg.SOLVER.WARMUP_ITERS, 300)
+        hooks.insert(len(hooks) - 1, IoULearningMonitor(start_iter=start))
+        return hooks
 
     def build_writers(self):
         """Detectron2's writers; without the ``tensorboard`` package, the console and metrics.json ones only."""

@@ -613,8 +613,10 @@ def prepare_synthetic_split(root, split, num_images, seed=0, image_size=(160, 19
     return json_path
 
 
-def register_synthetic_datasets(root=None, num_train=400, num_val=100, prefix="iounet_synth"):
-    """Generate (if missing or stale) and register ``{prefix}_train`` / ``{prefix}_val`` with Detectron2.
+def register_synthetic_datasets(root=None, num_train=400, num_val=100, prefix="iounet_synth", num_holdout=100):
+    """Generate (if missing or stale) and register ``{prefix}_train`` / ``{prefix}_val`` / ``{prefix}_holdout`` with
+    Detectron2. The holdout split is more training data, never trained on: settings are chosen on it, so that the
+    validation split only reports.
 
     ``root`` is the datasets directory (default: :func:`default_datasets_root`); the files live in
     ``<root>/synthetic_v<version>/``. Names already registered with the same json file are skipped. Returns
@@ -625,7 +627,7 @@ def register_synthetic_datasets(root=None, num_train=400, num_val=100, prefix="i
 
     data_root = os.path.join(root or default_datasets_root(), f"synthetic_v{SYNTHETIC_VERSION}")
     registered = {}
-    for split, num_images in (("train", num_train), ("val", num_val)):
+    for split, num_images in (("train", num_train), ("val", num_val), ("holdout", num_holdout)):
         name = f"{prefix}_{split}"
         json_path = prepare_synthetic_split(data_root, split, num_images)
         if name in DatasetCatalog.list():

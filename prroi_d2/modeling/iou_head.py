@@ -13,6 +13,8 @@ from detectron2.utils.registry import Registry
 from fvcore.nn import weight_init
 from torch import Tensor, nn
 
+from prroi_d2.modeling.iou_training_signal import put_iou_training_signal
+
 __all__ = ["IOU_HEAD_REGISTRY", "IoUHead", "build_iou_head"]
 
 IOU_HEAD_REGISTRY = Registry("IOU_HEAD")
@@ -110,7 +112,9 @@ class IoUHead(nn.Module):
         return iou.clamp(0.0, 1.0) if clamp else iou
 
     def losses(self, raw: Tensor, classes: Tensor, target_ious: Tensor) -> Dict[str, Tensor]:
-        """``{"loss_iou": loss_weight * mean loss}`` of the outputs of each box's class against its true IoU (K,)."""
+        """``{"loss_iou": loss_weight * mean loss}`` of the outputs of each box's class against its true IoU (K,).
+        Inside a training loop it also puts ``iou_net/train_pearson`` and ``iou_net/loss_ratio`` into the event
+        storage (:mod:`~prroi_d2.modeling.iou_training_signal`)."""
         if raw.numel() == 0:
             return {"loss_iou": raw.sum() * 0.0}
         out = self.select(raw, classes).float()
@@ -119,6 +123,7 @@ class IoUHead(nn.Module):
             loss = F.binary_cross_entropy_with_logits(out, target, reduction="mean")
         else:
             loss = F.smooth_l1_loss(out, 2.0 * target - 1.0, beta=self.smooth_l1_beta, reduction="mean")
+        put_iou_training_signal(out, target, self.loss_type, self.smooth_l1_beta)
         return {"loss_iou": self.loss_weight * loss}
 
 

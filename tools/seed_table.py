@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Train variants of a config over several seeds side by side, then tabulate every IoU-Net stage as mean +- std.
+
+    python tools/seed_table.py --seeds 0 1 2 --parallel 6 --output-dir output/seeds \
+        --variant base configs/iounet_synthetic_R18.yaml \
+        --variant bce configs/iounet_synthetic_R18.yaml MODEL.IOU_NET.HEAD.LOSS_TYPE bce \
+        --common MODEL.DEVICE cuda
+
+Each (variant, seed) is one ``tools/train_net.py`` process (``SEED s``, ``OUTPUT_DIR <output-dir>/<variant>/seed_s``,
+the variant's then the common ``KEY VALUE`` overrides), at most ``--parallel`` at once; ``--eval-only`` evaluates the
+runs' ``model_final.pth`` instead (with other overrides, e.g. refinement settings, under ``--tag``). The table reads
+each run's ``inference/[<dataset>/]iounet_stages.json``: per variant and stage, AP, AP50, AP75, AP90 and the IoU
+statistics as mean +- std over the seeds, and the refined-minus-baseline gain per seed. ``--json`` keeps it all.
+"""
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ("AP", "AP50", "AP75", "AP90")
+
+
+def run_job(name: str, config: str, seed: int, overrides: List[str], out: str, eval_only: bool, tag: str) -> Dict:
+    """Train (or evaluate) one variant with one seed; returns {"seconds", "returncode", "log"}."""
+    os.makedirs(out, exist_ok=True)
+    command = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config]
+    extra = ["SEED", str(seed), "OUTPUT_DIR", out]
+    if eval_only:
+        command.append("--eval-only")
+        extra += ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]
+    log = os.path.join(out, f"{'eval' if eval_only else 'train'}{'_' + tag if tag else ''}.log")
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        done = subprocess.run(command + overrides + extra, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    print(f"{name} seed {seed}: exit {done.returncode} after {seconds:.0f} s ({log})", flush=True)
+    return {"seconds": seconds, "returncode": done.returncode, "log": log}
+
+
+def stage_results(out: str, dataset: str) -> Dict:
+    """The iounet_stages.json of a run (of ``dataset`` when it evaluated several), or {}."""
+    paths = [os.path.join(out, "inference", dataset, "iounet_stages.json")] if dataset else []
+    paths += sorted(glob.glob(os.path.join(out, "inference", "iounet_stages.json")))
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return {}
+
+
+def mean_std(values: List[float]) -> str:
+    values = [v for v in values if isinstance(v, (int, float)) and v == v]
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} +- {std:.2f}"
+
+
+def table(summary: Dict, seeds: List[int]) -> str:
+    lines = []
+    for name, runs in summary.items():
+        results = [runs[str(s)]["stages"] for s in seeds if runs.get(str(s), {}).get("stages")]
+        lines.append(f"\n### {name} ({len(results)} of {len(seeds)} seeds)\n")
+        if not results:
+            continue
+        stages = [s for s in ("baseline", "iou_nms", "refined", "final") if s in results[0]]
+        lines.append("| stage | " + " | ".join(METRICS) + " |")
+        lines.append("|---|" + "---:|" * len(METRICS))
+        for stage in stages:
+            cells = [mean_std([r.get(stage, {}).get(m) for r in results]) for m in METRICS]
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        if "refined" in stages and "baseline" in stages:
+            gains = {m: [r["refined"][m] - r["baseline"][m] for r in results] for m in METRICS}
+            lines.append("| refined - baseline | " + " | ".join(mean_std(gains[m]) for m in METRICS) + " |")
+            per_seed = []
+            for s in seeds:
+                stages_s = runs.get(str(s), {}).get("stages")
+                if stages_s:
+                    gain = "/".join(f"{stages_s['refined'][m] - stages_s['baseline'][m]:+.2f}" for m in METRICS)
+                    per_seed.append(f"{s}: {gain}")
+            per_seed = ", ".join(per_seed)
+            lines.append(f"\nper seed, refined - baseline {'/'.join(METRICS)}: {per_seed}")
+        iou_keys = sorted(k for k in results[0] if k.startswith("iou_") and isinstance(results[0][k], (int, float)))
+        if iou_keys:
+            lines.append("\n" + "; ".join(f"{k} {mean_std([r.get(k) for r in results])}" for k in iou_keys))
+        seconds = [runs[str(s)].get("seconds") for s in seeds if str(s) in runs]
+        lines.append(f"\nwall time per run: {mean_std(seconds)} s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME CONFIG [KEY VALUE]")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--common", nargs="*", default=[], help="KEY VALUE overrides for every variant")
+    parser.add_argument("--parallel", type=int, default=3)
+    parser.add_argument("--output-dir", default=os.path.join(ROOT, "output", "seed_table"))
+    parser.add_argument("--dataset", default="", help="which dataset's results to read when runs test several")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the runs' model_final.pth")
+    parser.add_argument("--tag", default="", help="with --eval-only: results go to <run>/eval_<tag>")
+    parser.add_argument("--collect", action="store_true", help="only tabulate runs made before")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    jobs = []
+    for name, config, *overrides in args.variant:
+        if len(overrides) % 2:
+            parser.error(f"variant {name}: overrides must be KEY VALUE pairs, got {overrides}")
+        for seed in args.seeds:
+            out = os.path.join(args.output_dir, name, f"seed_{seed}")
+            jobs.append((name, config, seed, overrides + list(args.common), out))
+    if args.collect:
+        done = [{"returncode": 0} for _ in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            done = list(pool.map(lambda j: run_job(*j, args.eval_only, args.tag), jobs))
+
+    summary: Dict[str, Dict] = {}
+    for (name, _, seed, _, out), outcome in zip(jobs, done):
+        where = out
+        if args.eval_only and args.tag and not args.collect:  # keep each evaluation's copy apart
+            where = os.path.join(out, f"eval_{args.tag}")
+            os.makedirs(where, exist_ok=True)
+            if os.path.isdir(os.path.join(out, "inference")):
+                os.replace(os.path.join(out, "inference"), os.path.join(where, "inference"))
+        if args.collect and args.eval_only and args.tag:
+            where = os.path.join(out, f"eval_{args.tag}")
+        summary.setdefault(name, {})[str(seed)] = dict(outcome, stages=stage_results(where, args.dataset))
+    text = table(summary, args.seeds)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0 if all(o["returncode"] == 0 for o in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
