@@ -175,3 +175,19 @@ def test_cap_of_100_lowers_recall(dense, tmp_path, evaluated_400, caplog):
     assert results_100["baseline"]["AP50"] == pytest.approx(ev.stats[1] * 100, abs=1e-9)
     for stage in STAGES:
         assert results_100[stage]["AP50"] < 40 < 90 < results_400[stage]["AP50"], stage
+
+
+def test_dense_iou_statistics_equal_plain_loop_reference(dense, evaluated_400):
+    from test_iou_statistics import check_against_reference
+
+    results, out = evaluated_400
+    with open(dense["json"]) as f:
+        annotations = json.load(f)["annotations"]
+    records = {}
+    for stage in STAGES:
+        with open(os.path.join(out, f"coco_instances_results_{stage}.json")) as f:
+            records[stage] = json.load(f)
+    check_against_reference(results["localization"], annotations, records, "refined")
+    # 20 false positives per stage: counted over all detections, not among the matches.
+    assert results["localization"]["num_detections_baseline"] == 322
+    assert results["localization"]["num_matches_baseline"] == 302
