@@ -169,7 +169,7 @@ def test_all_detection_statistics_equal_plain_loop_reference(small, tmp_path):
     for stage in STAGES:
         assert summary["localization"][f"iou_mae_all_{stage}"] == pytest.approx(loc[f"iou_mae_all_{stage}"])
     table = format_stage_table(results)
-    assert "| boxes | matched | Pearson r | mean abs err | all | Pearson r (all) | mean abs err (all) |" in table
+    assert "| boxes | n matched | Pearson r | mean abs err | n all | Pearson r (all) | mean abs err (all) |" in table
     row = f"| refined | {loc['num_matches']:.0f} | {loc['iou_pearson']:.4f} | {loc['mean_abs_iou_error']:.4f} | 36 |"
     assert row in table
     assert f"| refined, before refinement | {loc['num_matches_initial']:.0f} |" in table

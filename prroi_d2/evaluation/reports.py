@@ -17,10 +17,10 @@ __all__ = ["format_stage_table", "json_safe", "plot_ap_vs_iou", "plot_iou_histog
 
 # Columns of the localisation table: (title, key prefix of the evaluator's "localization" dict, digits).
 _LOCALIZATION_COLUMNS = (
-    ("matched", "num_matches", 0),
+    ("n matched", "num_matches", 0),
     ("Pearson r", "iou_pearson", 4),
     ("mean abs err", "mean_abs_iou_error", 4),
-    ("all", "num_detections", 0),
+    ("n all", "num_detections", 0),
     ("Pearson r (all)", "iou_pearson_all", 4),
     ("mean abs err (all)", "iou_mae_all", 4),
 )
