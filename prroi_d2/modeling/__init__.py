@@ -2,7 +2,8 @@
 
 Importing this package registers, once per process: the ``PrRoIPool`` / ``PrRoIPoolV2`` pooler types of
 ``ROIPooler``, ``IoUHead`` in ``IOU_HEAD_REGISTRY``, ``IoUNetROIHeads`` and ``IoUNetCascadeROIHeads`` in
-``ROI_HEADS_REGISTRY`` and ``IoUNetRCNN`` in ``META_ARCH_REGISTRY``. ``from prroi_d2 import add_iounet_config`` imports it.
+``ROI_HEADS_REGISTRY`` and ``IoUNetRCNN`` in ``META_ARCH_REGISTRY``. ``from prroi_d2 import add_iounet_config``
+imports it.
 """
 
 from prroi_d2.modeling.box_jitter import sample_jittered_boxes

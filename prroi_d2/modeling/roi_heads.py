@@ -79,7 +79,8 @@ class IoUBranchMixin:
         predictions = self.box_predictor(self.box_head(box_features))
         del box_features
         predictor = self.box_predictor
-        return predictor.predict_boxes(predictions, proposals), predictor.predict_probs(predictions, proposals), predictor
+        boxes, scores = predictor.predict_boxes(predictions, proposals), predictor.predict_probs(predictions, proposals)
+        return boxes, scores, predictor
 
     def _iou_net_inference(self, features, proposals: List[Instances], image_sizes: List[Tuple[int, int]]):
         branch = self.iou_branch
