@@ -5,6 +5,7 @@
     python tools/train_net.py --config-file configs/iounet_R50.yaml --num-gpus 8           # COCO 2017
     python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model.pth     # evaluate every stage
     python tools/train_net.py --config-file CONFIG --resume                                # continue a killed run
+    python tools/train_net.py --config-file configs/lazy/iounet_cascade_R50_FPN.py train.max_iter=1000  # LazyConfig
     python tools/train_net.py --config-file configs/iounet_synthetic_R18.yaml \
         --register mine_train train.json images/ --register mine_val val.json images/ \
         DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)' MODEL.ROI_HEADS.NUM_CLASSES 3   # own data
@@ -15,7 +16,6 @@ coco_instances_results_<stage>.json, ap_vs_iou.png, iou_histogram.png and refine
 Without CUDA, training runs on the CPU; --num-gpus N then starts N CPU processes (gloo).
 """
 
-import importlib.util
 import logging
 import os
 import sys
@@ -23,22 +23,21 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.datasets import register_coco_instances  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter  # noqa: E402
 
 from prroi_d2 import add_iounet_config  # noqa: E402
-from prroi_d2.data import register_synthetic_datasets  # noqa: E402
 from prroi_d2.engine import IoULearningMonitor, launch  # noqa: E402
-from prroi_d2.evaluation import IoUNetEvaluator, draw_refinement_examples  # noqa: E402
+from prroi_d2.engine.steps import (  # noqa: E402
+    build_checkpointer,
+    build_evaluator,
+    build_writers,
+    prepare_datasets,
+    report,
+    setup_run,
+)
 
-SYNTHETIC_PREFIX = "iounet_synth"
-SYNTHETIC_CONFIG = "configs/iounet_synthetic_R18.yaml"
 logger = logging.getLogger("prroi_d2.train_net")
 
 
@@ -69,10 +68,7 @@ class Trainer(DefaultTrainer):
 
     def build_writers(self):
         """Detectron2's writers; without the ``tensorboard`` package, the console and metrics.json ones only."""
-        if importlib.util.find_spec("tensorboard") is not None:
-            return super().build_writers()
-        logger.warning("tensorboard is not installed: no TensorBoard event files are written")
-        return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        return build_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -80,13 +76,9 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
             if len(cfg.DATASETS.TEST) > 1:
                 output_folder = os.path.join(output_folder, dataset_name)
-        evaluator = IoUNetEvaluator(
-            dataset_name, output_dir=output_folder, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE
+        return build_evaluator(
+            dataset_name, output_folder, mask_on=cfg.MODEL.MASK_ON, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE
         )
-        if not cfg.MODEL.MASK_ON:
-            return evaluator
-        masks = COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder, use_fast_impl=False)
-        return DatasetEvaluators([evaluator, masks])
 
 
 def setup(args):
@@ -97,76 +89,28 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    default_setup(cfg, args)
+    setup_run(cfg, args)
     return cfg
 
 
-def register_datasets(names, coco_format=()):
-    """Register the ``--register NAME JSON IMAGE_ROOT`` datasets, and the embedded synthetic set (generated on first
-    use) if the config names it."""
-    for name, json_file, image_root in coco_format or ():
-        if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, json_file, image_root)
-    if any(name.startswith(SYNTHETIC_PREFIX + "_") for name in names):
-        register_synthetic_datasets(prefix=SYNTHETIC_PREFIX)
-
-
-def missing_data_message(names):
-    """One message naming everything missing for the COCO-format datasets ``names``, or None if all is there."""
-    unknown = [name for name in names if name not in DatasetCatalog.list()]
-    if unknown:
-        return f"Datasets not registered: {', '.join(unknown)} (register them, e.g. with --register NAME JSON DIR)."
-    missing = []
-    for name in dict.fromkeys(names):
-        meta = MetadataCatalog.get(name)
-        missing += [p for p in (meta.get("json_file"), meta.get("image_root")) if p and not os.path.exists(p)]
-    if not missing:
-        return None
-    root = os.environ.get("DETECTRON2_DATASETS", "datasets")
-    return (
-        f"Dataset files not found: {', '.join(missing)}.\n"
-        f"COCO is expected in Detectron2's layout under $DETECTRON2_DATASETS (now {root!r}):\n"
-        "  coco/annotations/instances_{train,val}2017.json, coco/train2017/, coco/val2017/\n"
-        "Download COCO 2017 there, or run on the embedded synthetic dataset instead:\n"
-        f"  python tools/train_net.py --config-file {SYNTHETIC_CONFIG}"
-    )
-
-
-def report(cfg):
-    """Pictures of the refinement and the paths of everything evaluation wrote (main process)."""
-    folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-    results = os.path.join(folder, "coco_instances_results_refined.json")
-    if not os.path.exists(results) or len(cfg.DATASETS.TEST) != 1:
-        return
-    meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-    pictures = draw_refinement_examples(
-        results, meta.json_file, meta.image_root, os.path.join(folder, "refinement_examples")
-    )
-    print("\nWritten by evaluation:")
-    for name in ("iounet_stages.md", "iounet_stages.json", "ap_vs_iou.png", "iou_histogram.png"):
-        print("  " + os.path.join(folder, name))
-    print("Refinement pictures (ground truth green, before refinement orange, after blue):")
-    for path in pictures:
-        print("  " + path)
-
-
 def main(args):
+    if args.config_file.endswith(".py"):  # a LazyConfig: prroi_d2.engine.lazy_train
+        from prroi_d2.engine.lazy_train import main as lazy_main
+
+        return lazy_main(args)
     cfg = setup(args)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
-    register_datasets(names, args.register)
-    message = missing_data_message(names)
-    if message is not None:
-        raise SystemExit(message)
+    prepare_datasets(names, args.register)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        build_checkpointer(model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     if comm.is_main_process():
-        report(cfg)
+        report(cfg.OUTPUT_DIR, list(cfg.DATASETS.TEST))
     return results
 
 

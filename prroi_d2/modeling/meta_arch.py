@@ -12,7 +12,7 @@ __all__ = ["IoUNetRCNN", "postprocess_instances"]
 
 @META_ARCH_REGISTRY.register()
 class IoUNetRCNN(GeneralizedRCNN):
-    """``GeneralizedRCNN`` with an :class:`~prroi_d2.modeling.roi_heads.IoUNetROIHeads`. It loads any
+    """``GeneralizedRCNN`` with ROI heads of :mod:`prroi_d2.modeling.roi_heads` (an IoU branch). It loads any
     ``GeneralizedRCNN`` checkpoint (same parameter names) and adds:
 
     * inference: ``pred_boxes_initial`` rescaled to the input's height/width like ``pred_boxes``; with
@@ -27,7 +27,10 @@ class IoUNetRCNN(GeneralizedRCNN):
         self.train_only_iou_head = train_only_iou_head
         if train_only_iou_head:
             if not hasattr(self.roi_heads, "iou_head"):
-                raise ValueError("MODEL.IOU_NET.TRAIN_ONLY_IOU_HEAD needs MODEL.ROI_HEADS.NAME IoUNetROIHeads")
+                raise ValueError(
+                    "MODEL.IOU_NET.TRAIN_ONLY_IOU_HEAD needs ROI heads with an IoU branch (MODEL.ROI_HEADS.NAME "
+                    "IoUNetROIHeads or IoUNetCascadeROIHeads)"
+                )
             trainable = {id(p) for p in self.roi_heads.iou_head.parameters()}
             for p in self.parameters():
                 if id(p) not in trainable:

@@ -1,0 +1,12 @@
+"""IoU-Net (Faster R-CNN) on the embedded synthetic set, CPU-sized: configs/iounet_synthetic_R18.yaml as a LazyConfig.
+
+python tools/train_net.py --config-file configs/lazy/iounet_synthetic_R18.py [train.seed=1 ...]
+"""
+
+from prroi_d2.lazy_config import with_iou_net
+
+from .common.models import faster_rcnn_fpn
+from .common.synthetic import dataloader, lr_multiplier, optimizer, synthetic_model, train  # noqa: F401
+
+model = synthetic_model(with_iou_net(faster_rcnn_fpn()))
+train.output_dir = "output/lazy_iounet_synthetic_R18"

@@ -1,0 +1,143 @@
+"""Training and evaluation from a LazyConfig ``.py`` (the path ``tools/train_net.py`` takes for ``--config-file
+X.py``), as Detectron2's ``lazyconfig_train_net.py``: ``LazyConfig.load``, trailing ``key=value`` overrides,
+``instantiate`` of ``model``, ``optimizer``, ``dataloader.train`` / ``test``, a ``SimpleTrainer`` (``AMPTrainer``
+with ``train.amp.enabled``) with Detectron2's hooks. Dataset registration, the evaluator, the checkpointer, seeding
+and the report are the YAML path's (:mod:`prroi_d2.engine.steps`).
+
+Config keys read: ``model``, ``optimizer``, ``lr_multiplier``, ``dataloader.{train,test,evaluator}``, ``train.{
+output_dir, init_checkpoint, max_iter, amp.enabled, ddp, checkpointer, eval_period, log_period, device, seed}``.
+"""
+
+import inspect
+import logging
+from typing import List
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer, defaults, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.registry import locate
+from omegaconf import DictConfig, OmegaConf
+
+from prroi_d2.engine.iou_learning_monitor import IoULearningMonitor
+from prroi_d2.engine.steps import build_checkpointer, build_writers, prepare_datasets, report, setup_run
+
+__all__ = ["apply_overrides", "do_test", "do_train", "load_config", "main"]
+
+logger = logging.getLogger("prroi_d2.lazy_train")
+_MISSING = object()
+
+
+def load_config(config_file: str, overrides: List[str]) -> DictConfig:
+    """``LazyConfig.load(config_file)`` with ``overrides`` applied; the device falls back to the CPU without CUDA."""
+    cfg = LazyConfig.load(config_file)
+    for key in ("model", "train", "dataloader"):
+        if key not in cfg:
+            raise SystemExit(f"{config_file}: a LazyConfig for tools/train_net.py needs a top-level {key!r}")
+    apply_overrides(cfg, overrides, config_file)
+    if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
+        cfg.train.device = "cpu"
+    return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: List[str], config_file: str = "the config") -> DictConfig:
+    """Detectron2's ``LazyConfig.apply_overrides`` after checking every key: it must exist, or name an argument
+    of the object its parent builds (``model.roi_heads.iou_branch.refine_step=1.0``); otherwise exit naming it."""
+    for override in overrides:
+        if "=" not in override:
+            raise SystemExit(f"Override {override!r}: expected key=value (a LazyConfig takes key=value overrides)")
+        key = override.split("=", 1)[0].strip().lstrip("+~")
+        if OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING:
+            continue
+        parent_key, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+        if not _accepts(parent, name):
+            known = sorted(parent.keys()) if isinstance(parent, DictConfig) else []
+            raise SystemExit(f"Override {override!r}: {config_file} has no key {key!r} (keys there: {known})")
+    return LazyConfig.apply_overrides(cfg, overrides)
+
+
+def _accepts(node, name: str) -> bool:
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return False
+    target = node._target_
+    target = locate(target) if isinstance(target, str) else target
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def do_test(cfg: DictConfig, model):
+    """Every IoU-Net stage (and mask AP, where configured) on ``dataloader.test`` with ``dataloader.evaluator``."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def do_train(args, cfg: DictConfig):
+    """Train ``cfg.model`` for ``train.max_iter`` iterations (resuming with ``--resume``), evaluating every
+    ``train.eval_period`` and at the end; returns the last evaluation's results."""
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(cfg.train.device)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = defaults.create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer)
+    results = {}
+
+    def evaluate():
+        results.update(do_test(cfg, model))
+        return results
+
+    main_process = comm.is_main_process()
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
+            hooks.EvalHook(cfg.train.eval_period, evaluate),
+            IoULearningMonitor(start_iter=300),
+            hooks.PeriodicWriter(build_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            if main_process
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    return results
+
+
+def _dataset_names(node) -> List[str]:
+    names = node.dataset.names
+    return [names] if isinstance(names, str) else list(names)
+
+
+def main(args):
+    """``tools/train_net.py --config-file X.py [key=value ...]``: train (or ``--eval-only``: evaluate
+    ``train.init_checkpoint``) and report as the YAML path does."""
+    cfg = load_config(args.config_file, list(args.opts))
+    setup_run(cfg, args)
+    test_names = _dataset_names(cfg.dataloader.test)
+    train_names = [] if args.eval_only else _dataset_names(cfg.dataloader.train)
+    prepare_datasets(test_names + train_names, getattr(args, "register", None))
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = defaults.create_ddp_model(model)
+        build_checkpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        results = do_test(cfg, model)
+    else:
+        results = do_train(args, cfg)
+    if comm.is_main_process():
+        report(cfg.train.output_dir, test_names)
+    return results

@@ -1,0 +1,125 @@
+"""The steps both configuration paths of ``tools/train_net.py`` (YAML ``CfgNode`` and LazyConfig ``.py``) share:
+dataset registration and the missing-data message, the evaluator, checkpoint loading, seeding and the final report.
+"""
+
+import importlib.util
+import logging
+import os
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_setup, default_writers
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+
+from prroi_d2.data import register_synthetic_datasets
+from prroi_d2.evaluation import IoUNetEvaluator, draw_refinement_examples
+
+__all__ = [
+    "SYNTHETIC_CONFIG",
+    "SYNTHETIC_PREFIX",
+    "build_checkpointer",
+    "build_evaluator",
+    "build_writers",
+    "missing_data_message",
+    "prepare_datasets",
+    "register_datasets",
+    "report",
+    "setup_run",
+]
+
+SYNTHETIC_PREFIX = "iounet_synth"
+SYNTHETIC_CONFIG = "configs/iounet_synthetic_R18.yaml"
+logger = logging.getLogger(__name__)
+
+
+def setup_run(cfg, args) -> None:
+    """Detectron2's ``default_setup`` for a ``CfgNode`` or a LazyConfig: logging, the config saved to the output
+    folder and the seed of every random generator (``SEED`` / ``train.seed``; < 0 draws one), plus the rank."""
+    default_setup(cfg, args)
+
+
+def register_datasets(names: Iterable[str], coco_format: Optional[Sequence[Tuple[str, str, str]]] = ()) -> None:
+    """Register the ``--register NAME JSON IMAGE_ROOT`` datasets, and the embedded synthetic set (generated on first
+    use) if ``names`` name it."""
+    for name, json_file, image_root in coco_format or ():
+        if name not in DatasetCatalog.list():
+            register_coco_instances(name, {}, json_file, image_root)
+    if any(name.startswith(SYNTHETIC_PREFIX + "_") for name in names):
+        register_synthetic_datasets(prefix=SYNTHETIC_PREFIX)
+
+
+def missing_data_message(names: Iterable[str]) -> Optional[str]:
+    """One message naming everything missing for the COCO-format datasets ``names``, or None if all is there."""
+    names = list(names)
+    unknown = [name for name in names if name not in DatasetCatalog.list()]
+    if unknown:
+        return f"Datasets not registered: {', '.join(unknown)} (register them, e.g. with --register NAME JSON DIR)."
+    missing = []
+    for name in dict.fromkeys(names):
+        meta = MetadataCatalog.get(name)
+        missing += [p for p in (meta.get("json_file"), meta.get("image_root")) if p and not os.path.exists(p)]
+    if not missing:
+        return None
+    root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+    return (
+        f"Dataset files not found: {', '.join(missing)}.\n"
+        f"COCO is expected in Detectron2's layout under $DETECTRON2_DATASETS (now {root!r}):\n"
+        "  coco/annotations/instances_{train,val}2017.json, coco/train2017/, coco/val2017/\n"
+        "Download COCO 2017 there, or run on the embedded synthetic dataset instead:\n"
+        f"  python tools/train_net.py --config-file {SYNTHETIC_CONFIG}"
+    )
+
+
+def prepare_datasets(names: Iterable[str], coco_format=()) -> None:
+    """:func:`register_datasets`, then exit with :func:`missing_data_message` if anything is missing."""
+    names = list(names)
+    register_datasets(names, coco_format)
+    message = missing_data_message(names)
+    if message is not None:
+        raise SystemExit(message)
+
+
+def build_evaluator(dataset_name: str, output_dir: str, mask_on: bool = False, max_dets_per_image: int = 100):
+    """:class:`~prroi_d2.evaluation.IoUNetEvaluator` (every IoU-Net stage; COCOeval counts ``max_dets_per_image``
+    detections per image, the model's ``TEST.DETECTIONS_PER_IMAGE``) writing to ``output_dir`` and, with
+    ``mask_on``, Detectron2's COCO mask AP too."""
+    evaluator = IoUNetEvaluator(dataset_name, output_dir=output_dir, max_dets_per_image=max_dets_per_image)
+    if not mask_on:
+        return evaluator
+    masks = COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_dir, use_fast_impl=False)
+    return DatasetEvaluators([evaluator, masks])
+
+
+def build_checkpointer(model, output_dir: str, **checkpointables) -> DetectionCheckpointer:
+    """The checkpointer of both paths' models (``checkpointables``: e.g. ``trainer=``, saved and resumed with it)."""
+    return DetectionCheckpointer(model, save_dir=output_dir, **checkpointables)
+
+
+def build_writers(output_dir: str, max_iter: int):
+    """Detectron2's event writers (console, metrics.json, TensorBoard); without the ``tensorboard`` package, the
+    console and metrics.json ones only."""
+    if importlib.util.find_spec("tensorboard") is not None:
+        return default_writers(output_dir, max_iter)
+    logger.warning("tensorboard is not installed: no TensorBoard event files are written")
+    return [CommonMetricPrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json"))]
+
+
+def report(output_dir: str, test_datasets: List[str]) -> None:
+    """Pictures of the refinement and the paths of everything evaluation wrote (main process)."""
+    folder = os.path.join(output_dir, "inference")
+    results = os.path.join(folder, "coco_instances_results_refined.json")
+    if not os.path.exists(results) or len(test_datasets) != 1:
+        return
+    meta = MetadataCatalog.get(test_datasets[0])
+    pictures = draw_refinement_examples(
+        results, meta.json_file, meta.image_root, os.path.join(folder, "refinement_examples")
+    )
+    print("\nWritten by evaluation:")
+    for name in ("iounet_stages.md", "iounet_stages.json", "ap_vs_iou.png", "iou_histogram.png"):
+        print("  " + os.path.join(folder, name))
+    print("Refinement pictures (ground truth green, before refinement orange, after blue):")
+    for path in pictures:
+        print("  " + path)
