@@ -3,6 +3,7 @@ stage (the evaluator of tools/train_net.py's YAML path)."""
 
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
+
 from prroi_d2.engine.steps import build_evaluator
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader

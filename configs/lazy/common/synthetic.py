@@ -8,6 +8,7 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
+
 from prroi_d2.engine.steps import build_evaluator
 
 NUM_CLASSES = 5
