@@ -12,49 +12,17 @@ import pytest
 
 pytest.importorskip("detectron2")
 
+from coco_files import H, W, write_coco_set, write_png
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader
 from detectron2.data.datasets import register_coco_instances
-from PIL import Image
 
 from prroi_d2 import add_iounet_config
 from prroi_d2.data.coco_checks import box_problem, check_coco_dataset
 from prroi_d2.data.named_decode import ImageDecodeError, NamedDecodeErrors, decode_error_message
 from prroi_d2.data.preflight import DatasetCheckError, check_datasets, run_preflight
 
-W, H = 40, 30
 _names = itertools.count()
-
-
-def _png(path, size=(W, H), mode="RGB"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    image = Image.fromarray(pixels)
-    if mode == "I;16":
-        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 200)  # 16-bit grayscale
-        assert image.mode == "I;16"
-    image.save(path)
-
-
-def _write_set(root, boxes=((5, 5, 10, 10),), num_images=2, categories=3, extra=None, drop_keys=()):
-    """``root/images/{0..n-1}.png`` and ``root/set.json``; every image gets ``boxes`` (category 1)."""
-    images, annotations = [], []
-    for i in range(num_images):
-        _png(os.path.join(root, "images", f"{i}.png"))
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": W, "height": H})
-        for box in boxes:
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "bbox": list(box),
-                                "area": 1.0, "iscrowd": 0})  # fmt: skip
-    data = {"images": images, "annotations": annotations,
-            "categories": [{"id": c + 1, "name": f"c{c}"} for c in range(categories)]}  # fmt: skip
-    data.update(extra or {})
-    for key in drop_keys:
-        data.pop(key)
-    path = os.path.join(root, "set.json")
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return path, os.path.join(root, "images")
 
 
 def _register(json_file, image_root):
@@ -72,7 +40,7 @@ def _cfg(train=(), test=(), num_classes=3):
 
 
 def _errors(tmp_path, is_eval=False, check_images="header", **kwargs):
-    json_file, image_root = _write_set(str(tmp_path), **kwargs)
+    json_file, image_root = write_coco_set(str(tmp_path), **kwargs)
     findings = check_coco_dataset("d", json_file, image_root, is_eval=is_eval, check_images=check_images)
     return findings, "\n".join(findings.describe(k, v) for k, v in findings.errors.items())
 
@@ -97,7 +65,7 @@ def test_a_valid_set_passes_and_counts_clipped_boxes(tmp_path):
 
 
 def test_missing_and_random_bytes_images_are_named(tmp_path):
-    json_file, image_root = _write_set(str(tmp_path), num_images=3)
+    json_file, image_root = write_coco_set(str(tmp_path), num_images=3)
     os.remove(os.path.join(image_root, "1.png"))
     with open(os.path.join(image_root, "2.png"), "wb") as f:
         f.write(np.random.default_rng(1).bytes(500))
@@ -109,7 +77,7 @@ def test_missing_and_random_bytes_images_are_named(tmp_path):
 
 
 def test_truncated_json_names_file_and_position(tmp_path):
-    json_file, image_root = _write_set(str(tmp_path))
+    json_file, image_root = write_coco_set(str(tmp_path))
     with open(json_file) as f:
         text = f.read()
     with open(json_file, "w") as f:
@@ -134,7 +102,7 @@ def test_missing_categories_and_eval_set_without_annotations(tmp_path):
 
 
 def test_num_classes_must_match_the_json(tmp_path):
-    name = _register(*_write_set(str(tmp_path)))
+    name = _register(*write_coco_set(str(tmp_path)))
     for num_classes in (2, 5):
         with pytest.raises(DatasetCheckError) as info:
             check_datasets(_cfg(train=[name], num_classes=num_classes))
@@ -146,7 +114,7 @@ def test_num_classes_must_match_the_json(tmp_path):
 
 def test_invalid_boxes_are_errors_with_ids_or_dropped_on_request(tmp_path):
     boxes = [(5, 5, 10, 10), (5, 5, 0, 10), (5, 5, math.nan, 4), (20, 5, -10, 10), (W + 1, 0, 5, 5)]
-    json_file, image_root = _write_set(str(tmp_path), boxes=boxes, num_images=1)
+    json_file, image_root = write_coco_set(str(tmp_path), boxes=boxes, num_images=1)
     name = _register(json_file, image_root)
     with pytest.raises(DatasetCheckError) as info:
         check_datasets(_cfg(train=[name]))
@@ -172,16 +140,16 @@ def test_invalid_boxes_are_errors_with_ids_or_dropped_on_request(tmp_path):
 
 
 def test_sixteen_bit_images_are_refused(tmp_path):
-    json_file, image_root = _write_set(str(tmp_path), num_images=1)
-    _png(os.path.join(image_root, "0.png"), mode="I;16")
+    json_file, image_root = write_coco_set(str(tmp_path), num_images=1)
+    write_png(os.path.join(image_root, "0.png"), mode="I;16")
     findings = check_coco_dataset("d", json_file, image_root, is_eval=False)
     ((kind, items),) = findings.errors.items()
     assert "would misread" in kind and items == [f"{os.path.join(image_root, '0.png')}: mode I;16 (16-bit grayscale)"]
 
 
 def test_image_size_must_match_the_json(tmp_path):
-    json_file, image_root = _write_set(str(tmp_path), num_images=1)
-    _png(os.path.join(image_root, "0.png"), size=(W + 2, H))
+    json_file, image_root = write_coco_set(str(tmp_path), num_images=1)
+    write_png(os.path.join(image_root, "0.png"), size=(W + 2, H))
     findings = check_coco_dataset("d", json_file, image_root, is_eval=False)
     assert findings.errors["image size differs from the json"] == [
         f"{os.path.join(image_root, '0.png')}: json {W}x{H}, file {W + 2}x{H}"
@@ -196,7 +164,7 @@ def _truncate(path):
 
 
 def test_truncated_png_passes_the_header_check_but_not_the_full_one(tmp_path):
-    json_file, image_root = _write_set(str(tmp_path), num_images=1)
+    json_file, image_root = write_coco_set(str(tmp_path), num_images=1)
     _truncate(os.path.join(image_root, "0.png"))
     assert not check_coco_dataset("d", json_file, image_root, is_eval=False).errors
     full = check_coco_dataset("d", json_file, image_root, is_eval=False, check_images="full")
@@ -205,7 +173,7 @@ def test_truncated_png_passes_the_header_check_but_not_the_full_one(tmp_path):
 
 
 def test_decode_failure_in_a_loader_worker_names_file_and_dataset(tmp_path):
-    json_file, image_root = _write_set(str(tmp_path), num_images=2)
+    json_file, image_root = write_coco_set(str(tmp_path), num_images=2)
     _truncate(os.path.join(image_root, "1.png"))
     name = _register(json_file, image_root)
     cfg = _cfg(test=[name])
@@ -223,7 +191,7 @@ def test_decode_failure_in_a_loader_worker_names_file_and_dataset(tmp_path):
 
 def test_header_check_speed_and_skipped_datasets(tmp_path, caplog):
     n = 1000
-    json_file, image_root = _write_set(str(tmp_path), num_images=1)
+    json_file, image_root = write_coco_set(str(tmp_path), num_images=1)
     with open(json_file) as f:
         data = json.load(f)
     data["images"] = [dict(data["images"][0], id=i + 1) for i in range(n)]
@@ -244,7 +212,7 @@ def test_header_check_speed_and_skipped_datasets(tmp_path, caplog):
 def test_coco_2017_conventions_pass(tmp_path):
     """COCO's own quirks: crowd RLE boxes, float boxes past the edge, a zero-height box (train2017 has two),
     categories with gaps in their ids, images without annotations."""
-    json_file, image_root = _write_set(str(tmp_path), num_images=3, categories=0)
+    json_file, image_root = write_coco_set(str(tmp_path), num_images=3, categories=0)
     with open(json_file) as f:
         data = json.load(f)
     data["categories"] = [{"id": i, "name": f"c{i}", "supercategory": "s"} for i in (1, 2, 90)]

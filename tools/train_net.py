@@ -23,18 +23,34 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.datasets import register_coco_instances  # noqa: E402
+from detectron2.data import (  # noqa: E402
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from prroi_d2 import add_iounet_config  # noqa: E402
+from prroi_d2.config_checks import check_iounet_config  # noqa: E402
 from prroi_d2.data import register_synthetic_datasets  # noqa: E402
+from prroi_d2.data.named_decode import ImageDecodeError, NamedDecodeErrors, decode_error_message  # noqa: E402
+from prroi_d2.data.preflight import CHECK_IMAGES, INVALID_BOXES, DatasetCheckError, run_preflight  # noqa: E402
+from prroi_d2.data.register import register_coco_dataset  # noqa: E402
 from prroi_d2.engine import launch  # noqa: E402
+from prroi_d2.engine.checkpoint import (  # noqa: E402
+    CheckpointReadError,
+    SafeCheckpointer,
+    WeightsError,
+    check_frozen_weights_loaded,
+    load_weights_for_eval,
+)
 from prroi_d2.evaluation import IoUNetEvaluator, draw_refinement_examples  # noqa: E402
 
 SYNTHETIC_PREFIX = "iounet_synth"
@@ -58,6 +74,34 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def build_hooks(self):
+        """Detectron2's hooks, checkpointing with :class:`~prroi_d2.engine.checkpoint.SafeCheckpointer` (atomic
+        writes; ``--resume`` skips an unreadable latest checkpoint)."""
+        self.checkpointer = SafeCheckpointer.from_checkpointer(self.checkpointer)
+        return super().build_hooks()
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        check_frozen_weights_loaded(self.checkpointer, self.cfg)
+
+    def run_step(self):
+        """Detectron2's step; an image that does not decode ends the run with the one line naming it and its
+        dataset (SystemExit: Detectron2's trainer would log the data-loader worker's traceback for an Exception)."""
+        try:
+            super().run_step()
+        except ImageDecodeError as e:
+            raise SystemExit(decode_error_message(e)) from None
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        mapper = NamedDecodeErrors(DatasetMapper(cfg, is_train=True), cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        mapper = NamedDecodeErrors(DatasetMapper(cfg, is_train=False), dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     def build_writers(self):
         """Detectron2's writers; without the ``tensorboard`` package, the console and metrics.json ones only."""
@@ -87,16 +131,23 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    try:
+        check_iounet_config(cfg)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="prroi_d2", abbrev_name="prroi_d2")
     return cfg
 
 
-def register_datasets(names, coco_format=()):
-    """Register the ``--register NAME JSON IMAGE_ROOT`` datasets, and the embedded synthetic set (generated on first
-    use) if the config names it."""
+def register_datasets(names, coco_format=(), replace=False):
+    """Register the ``--register NAME JSON IMAGE_ROOT`` datasets (a taken NAME is an error unless ``replace``), and
+    the embedded synthetic set (generated on first use) if the config names it."""
     for name, json_file, image_root in coco_format or ():
-        if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, json_file, image_root)
+        try:
+            register_coco_dataset(name, json_file, image_root, replace=replace)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if any(name.startswith(SYNTHETIC_PREFIX + "_") for name in names):
         register_synthetic_datasets(prefix=SYNTHETIC_PREFIX)
 
@@ -141,15 +192,25 @@ def report(cfg):
 
 
 def main(args):
+    try:
+        return run(args)
+    except (DatasetCheckError, WeightsError, CheckpointReadError) as e:
+        raise SystemExit(str(e)) from None
+    except ImageDecodeError as e:
+        raise SystemExit(decode_error_message(e)) from None
+
+
+def run(args):
     cfg = setup(args)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
-    register_datasets(names, args.register)
+    register_datasets(names, args.register, replace=args.register_replace)
     message = missing_data_message(names)
     if message is not None:
         raise SystemExit(message)
+    run_preflight(cfg, eval_only=args.eval_only, check_images=args.check_images, invalid_boxes=args.invalid_boxes)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        load_weights_for_eval(model, cfg, resume=args.resume, allow_partial=args.allow_partial_weights)
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)
@@ -168,6 +229,26 @@ def invoke_main() -> None:
         action="append",
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset (repeatable); name it in DATASETS.TRAIN / DATASETS.TEST",
+    )
+    parser.add_argument("--register-replace", action="store_true", help="--register may replace a registered name")
+    parser.add_argument(
+        "--check-images",
+        choices=CHECK_IMAGES,
+        default="header",
+        help="pre-flight image check: header (default: size and mode from the file header), full (decode every "
+        "image), none",
+    )
+    parser.add_argument(
+        "--invalid-boxes",
+        choices=INVALID_BOXES,
+        default="error",
+        help="boxes with NaN/inf, negative width/height or fully outside their image in a training set: error "
+        "(default) or drop them with a warning",
+    )
+    parser.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="--eval-only: evaluate even if some model keys are missing from the checkpoint or skipped",
     )
     args = parser.parse_args()
     print("Command Line Args:", args)
