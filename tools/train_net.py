@@ -126,8 +126,11 @@ class Trainer(DefaultTrainer):
 def setup(args):
     cfg = get_cfg()
     add_iounet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+    except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, type mismatch, odd-length list
+        raise SystemExit(f"Config {args.config_file} (and overrides): {e.args[0] if e.args else e}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
