@@ -92,6 +92,14 @@ def test_null_bbox_names_the_annotation(tmp_path):
     assert "1 x bbox is not 4 numbers: annotation 7 (image 1): bbox None" in text
 
 
+def test_image_entries_need_integer_sizes(tmp_path):
+    extra = {"images": [{"id": 1, "file_name": "0.png", "width": "40", "height": 30}, {"id": 2, "file_name": "1.png"}]}
+    findings, text = _errors(tmp_path, extra=extra)
+    assert "1 x image width/height not positive integers: images[0] (id 1): '40' x 30" in text
+    assert "1 x image lacks keys: images[1] (id 2) lacks 'width', 'height'" in text
+    assert "annotation of an unknown image_id" in text  # the annotations of both images
+
+
 def test_missing_categories_and_eval_set_without_annotations(tmp_path):
     _, text = _errors(tmp_path / "a", drop_keys=("categories",))
     assert "'categories' is missing" in text

@@ -132,6 +132,10 @@ def _check_structure(data, is_eval: bool, findings: DatasetFindings):
             continue
         if img["id"] in images:
             findings.error("duplicate image id", f"id {img['id']}")
+        sizes = (img["width"], img["height"])
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+            findings.error("image width/height not positive integers", f"{label}: {sizes[0]!r} x {sizes[1]!r}")
+            continue
         images[img["id"]] = img
     findings.counts["images"] = len(data["images"])
     return images, category_ids

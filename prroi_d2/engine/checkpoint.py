@@ -132,6 +132,8 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables: Optional[List[str]] = None):
         self.loaded_path, self.incompatible = None, None
+        if path and "://" not in path and not os.path.isfile(path):
+            raise CheckpointReadError(f"Cannot read checkpoint {path}: {describe_file(path)}")
         ret = super().load(path, checkpointables)
         self.loaded_path = path or None
         return ret
