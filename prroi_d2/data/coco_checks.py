@@ -87,9 +87,9 @@ def _read_json(path: str, findings: DatasetFindings):
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
-        end = " (at its end: a truncated file?)" if e.pos >= len(raw.rstrip()) else ""
-        where = f"line {e.lineno} column {e.colno} (character {e.pos} of {len(raw)})"
-        findings.error("json not valid", f"{path}: {e.msg} at {where}{end}")
+        end = "; it does not end with '}' or ']': a truncated file?" if raw.rstrip()[-1:] not in (b"}", b"]") else ""
+        where = f"line {e.lineno} column {e.colno}, character {e.pos} of {len(raw)}"
+        findings.error("json not valid", f"{path}: {e.msg} ({where}){end}")
     except UnicodeDecodeError as e:
         findings.error("json not valid", f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
     return None
