@@ -24,19 +24,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from prroi_d2 import add_iounet_config  # noqa: E402
+from prroi_d2.config_checks import check_iounet_config  # noqa: E402
+from prroi_d2.data.named_decode import ImageDecodeError, NamedDecodeErrors, decode_error_message  # noqa: E402
+from prroi_d2.data.preflight import CHECK_IMAGES, INVALID_BOXES, DatasetCheckError, run_preflight  # noqa: E402
 from prroi_d2.engine import IoULearningMonitor, launch  # noqa: E402
-from prroi_d2.engine.steps import (  # noqa: E402
-    build_checkpointer,
-    build_evaluator,
-    build_writers,
-    prepare_datasets,
-    report,
-    setup_run,
+from prroi_d2.engine.checkpoint import (  # noqa: E402
+    CheckpointReadError,
+    SafeCheckpointer,
+    WeightsError,
+    check_frozen_weights_loaded,
+    load_weights_for_eval,
 )
+from prroi_d2.engine.steps import build_evaluator, build_writers, prepare_datasets, report, setup_run  # noqa: E402
 
 logger = logging.getLogger("prroi_d2.train_net")
 
@@ -59,12 +64,36 @@ class Trainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
 
     def build_hooks(self):
-        """Detectron2's hooks, plus a warning if the IoU head still learns nothing well after warm-up (before the
-        writers, so the warning lands in the same iteration's log)."""
+        """Detectron2's hooks, checkpointing with :class:`~prroi_d2.engine.checkpoint.SafeCheckpointer` (atomic
+        writes; ``--resume`` skips an unreadable latest checkpoint), plus a warning if the IoU head still learns
+        nothing well after warm-up (before the writers, so it lands in the same iteration's log)."""
+        self.checkpointer = SafeCheckpointer.from_checkpointer(self.checkpointer)
         hooks = super().build_hooks()
         start = max(3 * self.cfg.SOLVER.WARMUP_ITERS, 300)
         hooks.insert(len(hooks) - 1, IoULearningMonitor(start_iter=start))
         return hooks
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        check_frozen_weights_loaded(self.checkpointer, self.cfg)
+
+    def run_step(self):
+        """Detectron2's step; an image that does not decode ends the run with the one line naming it and its
+        dataset (SystemExit: Detectron2's trainer would log the data-loader worker's traceback for an Exception)."""
+        try:
+            super().run_step()
+        except ImageDecodeError as e:
+            raise SystemExit(decode_error_message(e)) from None
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        mapper = NamedDecodeErrors(DatasetMapper(cfg, is_train=True), cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        mapper = NamedDecodeErrors(DatasetMapper(cfg, is_train=False), dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     def build_writers(self):
         """Detectron2's writers; without the ``tensorboard`` package, the console and metrics.json ones only."""
@@ -84,33 +113,51 @@ class Trainer(DefaultTrainer):
 def setup(args):
     cfg = get_cfg()
     add_iounet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+    except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, type mismatch, odd-length list
+        raise SystemExit(f"Config {args.config_file} (and overrides): {e.args[0] if e.args else e}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    try:
+        check_iounet_config(cfg)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     setup_run(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="prroi_d2", abbrev_name="prroi_d2")
     return cfg
 
 
 def main(args):
-    if args.config_file.endswith(".py"):  # a LazyConfig: prroi_d2.engine.lazy_train
-        from prroi_d2.engine.lazy_train import main as lazy_main
+    try:
+        if args.config_file.endswith(".py"):  # a LazyConfig: prroi_d2.engine.lazy_train
+            from prroi_d2.engine.lazy_train import main as lazy_main
 
-        return lazy_main(args)
+            return lazy_main(args)
+        return run(args)
+    except (DatasetCheckError, WeightsError, CheckpointReadError) as e:
+        raise SystemExit(str(e)) from None
+    except ImageDecodeError as e:
+        raise SystemExit(decode_error_message(e)) from None
+
+
+def run(args):
     cfg = setup(args)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
-    prepare_datasets(names, args.register)
+    prepare_datasets(names, args.register, replace=args.register_replace)
+    run_preflight(cfg, eval_only=args.eval_only, check_images=args.check_images, invalid_boxes=args.invalid_boxes)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        build_checkpointer(model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        load_weights_for_eval(model, cfg, resume=args.resume, allow_partial=args.allow_partial_weights)
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     if comm.is_main_process():
-        report(cfg.OUTPUT_DIR, list(cfg.DATASETS.TEST))
+        report(cfg)
     return results
 
 
@@ -122,6 +169,26 @@ def invoke_main() -> None:
         action="append",
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset (repeatable); name it in DATASETS.TRAIN / DATASETS.TEST",
+    )
+    parser.add_argument("--register-replace", action="store_true", help="--register may replace a registered name")
+    parser.add_argument(
+        "--check-images",
+        choices=CHECK_IMAGES,
+        default="header",
+        help="pre-flight image check: header (default: size and mode from the file header), full (decode every "
+        "image), none",
+    )
+    parser.add_argument(
+        "--invalid-boxes",
+        choices=INVALID_BOXES,
+        default="error",
+        help="boxes with NaN/inf, negative width/height or fully outside their image in a training set: error "
+        "(default) or drop them with a warning",
+    )
+    parser.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="--eval-only: evaluate even if some model keys are missing from the checkpoint or skipped",
     )
     args = parser.parse_args()
     print("Command Line Args:", args)

@@ -13,6 +13,7 @@ import logging
 from typing import List
 
 import torch
+from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -20,6 +21,8 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
+from prroi_d2.data.preflight import run_preflight
+from prroi_d2.engine.checkpoint import load_weights_for_eval
 from prroi_d2.engine.iou_learning_monitor import IoULearningMonitor
 from prroi_d2.engine.steps import build_checkpointer, build_writers, prepare_datasets, report, setup_run
 
@@ -117,6 +120,18 @@ def do_train(args, cfg: DictConfig):
     return results
 
 
+def _preflight_view(cfg: DictConfig, train_names: List[str], test_names: List[str]) -> CN:
+    """What the pre-flight check reads of a config (datasets, number of classes), from a LazyConfig."""
+    heads = cfg.model.get("roi_heads")
+    num_classes = heads.get("num_classes") if heads is not None else None
+    return CN(
+        {
+            "DATASETS": {"TRAIN": list(train_names), "TEST": list(test_names)},
+            "MODEL": {"META_ARCHITECTURE": "GeneralizedRCNN", "ROI_HEADS": {"NUM_CLASSES": num_classes}},
+        }
+    )
+
+
 def _dataset_names(node) -> List[str]:
     names = node.dataset.names
     return [names] if isinstance(names, str) else list(names)
@@ -129,12 +144,23 @@ def main(args):
     setup_run(cfg, args)
     test_names = _dataset_names(cfg.dataloader.test)
     train_names = [] if args.eval_only else _dataset_names(cfg.dataloader.train)
-    prepare_datasets(test_names + train_names, getattr(args, "register", None))
+    prepare_datasets(
+        test_names + train_names, getattr(args, "register", None), getattr(args, "register_replace", False)
+    )
+    run_preflight(
+        _preflight_view(cfg, train_names, test_names),
+        eval_only=args.eval_only,
+        check_images=getattr(args, "check_images", "header"),
+        invalid_boxes=getattr(args, "invalid_boxes", "error"),
+    )
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
+        weights = CN({"MODEL": {"WEIGHTS": cfg.train.init_checkpoint}, "OUTPUT_DIR": cfg.train.output_dir})
+        load_weights_for_eval(
+            model, weights, resume=args.resume, allow_partial=getattr(args, "allow_partial_weights", False)
+        )
         model = defaults.create_ddp_model(model)
-        build_checkpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
         results = do_test(cfg, model)
     else:
         results = do_train(args, cfg)

@@ -7,14 +7,14 @@ import logging
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_setup, default_writers
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from prroi_d2.data import register_synthetic_datasets
+from prroi_d2.data.register import register_coco_dataset
+from prroi_d2.engine.checkpoint import SafeCheckpointer
 from prroi_d2.evaluation import IoUNetEvaluator, draw_refinement_examples
 
 __all__ = [
@@ -41,12 +41,16 @@ def setup_run(cfg, args) -> None:
     default_setup(cfg, args)
 
 
-def register_datasets(names: Iterable[str], coco_format: Optional[Sequence[Tuple[str, str, str]]] = ()) -> None:
-    """Register the ``--register NAME JSON IMAGE_ROOT`` datasets, and the embedded synthetic set (generated on first
-    use) if ``names`` name it."""
+def register_datasets(
+    names: Iterable[str], coco_format: Optional[Sequence[Tuple[str, str, str]]] = (), replace: bool = False
+) -> None:
+    """Register the ``--register NAME JSON IMAGE_ROOT`` datasets (a taken NAME is an error unless ``replace``), and
+    the embedded synthetic set (generated on first use) if ``names`` name it."""
     for name, json_file, image_root in coco_format or ():
-        if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, json_file, image_root)
+        try:
+            register_coco_dataset(name, json_file, image_root, replace=replace)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if any(name.startswith(SYNTHETIC_PREFIX + "_") for name in names):
         register_synthetic_datasets(prefix=SYNTHETIC_PREFIX)
 
@@ -73,10 +77,10 @@ def missing_data_message(names: Iterable[str]) -> Optional[str]:
     )
 
 
-def prepare_datasets(names: Iterable[str], coco_format=()) -> None:
+def prepare_datasets(names: Iterable[str], coco_format=(), replace: bool = False) -> None:
     """:func:`register_datasets`, then exit with :func:`missing_data_message` if anything is missing."""
     names = list(names)
-    register_datasets(names, coco_format)
+    register_datasets(names, coco_format, replace)
     message = missing_data_message(names)
     if message is not None:
         raise SystemExit(message)
@@ -93,9 +97,10 @@ def build_evaluator(dataset_name: str, output_dir: str, mask_on: bool = False, m
     return DatasetEvaluators([evaluator, masks])
 
 
-def build_checkpointer(model, output_dir: str, **checkpointables) -> DetectionCheckpointer:
-    """The checkpointer of both paths' models (``checkpointables``: e.g. ``trainer=``, saved and resumed with it)."""
-    return DetectionCheckpointer(model, save_dir=output_dir, **checkpointables)
+def build_checkpointer(model, output_dir: str, **checkpointables) -> SafeCheckpointer:
+    """The checkpointer of both paths' models (``checkpointables``: e.g. ``trainer=``, saved and resumed with it):
+    atomic writes, and a resume that skips an unreadable latest checkpoint."""
+    return SafeCheckpointer(model, save_dir=output_dir, **checkpointables)
 
 
 def build_writers(output_dir: str, max_iter: int):

@@ -1,0 +1,42 @@
+"""Small COCO-format datasets written as real files (json + PNG images) for the tests of the checks before
+training."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+W, H = 40, 30
+
+
+def write_png(path, size=(W, H), mode="RGB"):
+    """A noise image of ``size`` (width, height): 8-bit RGB, or 16-bit grayscale for ``mode="I;16"``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if mode == "I;16":
+        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 200)
+        assert image.mode == "I;16"
+    image.save(path)
+
+
+def write_coco_set(root, boxes=((5, 5, 10, 10),), num_images=2, categories=3, extra=None, drop_keys=(), size=(W, H)):
+    """``root/images/{0..n-1}.png`` and ``root/set.json``; every image gets ``boxes`` (category 1). ``extra``
+    replaces top-level keys, ``drop_keys`` removes them. Returns (json path, image folder)."""
+    images, annotations = [], []
+    for i in range(num_images):
+        write_png(os.path.join(root, "images", f"{i}.png"), size)
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size[0], "height": size[1]})
+        for box in boxes:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "bbox": list(box),
+                                "area": float(box[2] * box[3]), "iscrowd": 0})  # fmt: skip
+    data = {"images": images, "annotations": annotations,
+            "categories": [{"id": c + 1, "name": f"c{c}"} for c in range(categories)]}  # fmt: skip
+    data.update(extra or {})
+    for key in drop_keys:
+        data.pop(key)
+    path = os.path.join(root, "set.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path, os.path.join(root, "images")
