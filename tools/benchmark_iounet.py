@@ -73,7 +73,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import prroi_d2  # noqa: E402
 from prroi_d2 import add_iounet_config  # noqa: E402
-from prroi_d2.evaluation.iounet_evaluator import json_safe  # noqa: E402
+from prroi_d2.evaluation.reports import json_safe  # noqa: E402
 from prroi_d2.modeling.cuda_graphs import CUDAGraphCache  # noqa: E402
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms  # noqa: E402
 from prroi_d2.modeling.roi_heads import _top_per_image  # noqa: E402

@@ -72,7 +72,9 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
             if len(cfg.DATASETS.TEST) > 1:
                 output_folder = os.path.join(output_folder, dataset_name)
-        evaluator = IoUNetEvaluator(dataset_name, output_dir=output_folder)
+        evaluator = IoUNetEvaluator(
+            dataset_name, output_dir=output_folder, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE
+        )
         if not cfg.MODEL.MASK_ON:
             return evaluator
         masks = COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder, use_fast_impl=False)

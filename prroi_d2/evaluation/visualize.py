@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from prroi_d2.evaluation.iounet_evaluator import _new_figure
+from prroi_d2.evaluation.reports import _new_figure
 
 __all__ = ["draw_refinement_examples", "select_examples"]
 
