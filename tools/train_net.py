@@ -2,6 +2,7 @@
 """Train and evaluate IoU-Net with Detectron2 (Detectron2's train_net conventions).
 
     python tools/train_net.py --config-file configs/iounet_synthetic_R18.yaml             # the embedded synthetic set
+    python tools/train_net.py --config-file configs/iounet_trees_R18.yaml                 # NEON tree crowns (GPU)
     python tools/train_net.py --config-file configs/iounet_R50.yaml --num-gpus 8           # COCO 2017
     python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model.pth     # evaluate every stage
     python tools/train_net.py --config-file CONFIG --resume                                # continue a killed run
@@ -25,7 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import (  # noqa: E402
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators  # noqa: E402
@@ -34,10 +40,13 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter  # noqa: E40
 
 from prroi_d2 import add_iounet_config  # noqa: E402
 from prroi_d2.data import register_synthetic_datasets  # noqa: E402
+from prroi_d2.data.augmentation import AerialDatasetMapper, add_aerial_augment_config  # noqa: E402
+from prroi_d2.data.neon_trees import NeonTreesDownloadError, register_neon_trees_datasets  # noqa: E402
 from prroi_d2.engine import launch  # noqa: E402
 from prroi_d2.evaluation import IoUNetEvaluator, draw_refinement_examples  # noqa: E402
 
 SYNTHETIC_PREFIX = "iounet_synth"
+NEON_TREES_PREFIX = "neon_trees"
 SYNTHETIC_CONFIG = "configs/iounet_synthetic_R18.yaml"
 logger = logging.getLogger("prroi_d2.train_net")
 
@@ -67,6 +76,20 @@ class Trainer(DefaultTrainer):
         return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's loader; with ``INPUT.AERIAL_AUGMENT.ENABLED``, the aerial augmentations and crop-edge rule."""
+        if not cfg.INPUT.AERIAL_AUGMENT.ENABLED:
+            return super().build_train_loader(cfg)
+        return build_detection_train_loader(cfg, mapper=AerialDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's loader; with ``INPUT.AERIAL_AUGMENT.ENABLED``, whole images rescaled by its TEST_SCALE."""
+        if not cfg.INPUT.AERIAL_AUGMENT.ENABLED:
+            return super().build_test_loader(cfg, dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=AerialDatasetMapper(cfg, is_train=False))
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
@@ -84,6 +107,7 @@ class Trainer(DefaultTrainer):
 def setup(args):
     cfg = get_cfg()
     add_iounet_config(cfg)
+    add_aerial_augment_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -95,12 +119,17 @@ def setup(args):
 
 def register_datasets(names, coco_format=()):
     """Register the ``--register NAME JSON IMAGE_ROOT`` datasets, and the embedded synthetic set (generated on first
-    use) if the config names it."""
+    use) or the NEON tree crowns (fetched and converted on first use) if the config names them."""
     for name, json_file, image_root in coco_format or ():
         if name not in DatasetCatalog.list():
             register_coco_instances(name, {}, json_file, image_root)
     if any(name.startswith(SYNTHETIC_PREFIX + "_") for name in names):
         register_synthetic_datasets(prefix=SYNTHETIC_PREFIX)
+    if any(name.startswith(NEON_TREES_PREFIX + "_") for name in names):
+        try:
+            register_neon_trees_datasets(prefix=NEON_TREES_PREFIX)
+        except NeonTreesDownloadError as e:
+            raise SystemExit(str(e)) from None
 
 
 def missing_data_message(names):

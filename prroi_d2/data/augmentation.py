@@ -1,9 +1,10 @@
-"""Augmentations for aerial (top-down) imagery with Detectron2's ``T.Augmentation`` API, and the training mapper.
+"""Augmentations for aerial (top-down) imagery with Detectron2's ``T.Augmentation`` API, and their dataset mapper.
 
 ``INPUT.AERIAL_AUGMENT`` (added by :func:`add_aerial_augment_config`) describes, in order: a random crop of
 ``CROP_SIZE`` px, a rescale of the crop by a factor drawn uniformly in ``SCALE_RANGE`` (imagery has no canonical
 size: small crowns are upsampled), flips both ways, a random multiple of 90 degrees (a view from above has no "up"),
-and colour jitter (brightness, contrast, saturation, each a factor in ``[1 - COLOR, 1 + COLOR]``).
+and colour jitter (brightness, contrast, saturation, each a factor in ``[1 - COLOR, 1 + COLOR]``). Testing rescales
+whole images by ``TEST_SCALE``.
 
 A box cut by the crop edge follows the datasets' rule (``prroi_d2.data.neon_trees.clip_to_window``): clipped to the
 crop and kept when at least ``MIN_VISIBLE`` of its area remains, else dropped (:class:`AerialDatasetMapper`).
@@ -36,6 +37,7 @@ def add_aerial_augment_config(cfg):
     aug.ROT90 = True  # rotation by 0, 90, 180 or 270 degrees, uniform
     aug.COLOR = 0.2  # brightness / contrast / saturation factors in [1 - COLOR, 1 + COLOR]; 0: off
     aug.MIN_VISIBLE = 0.5  # a box cut by the crop is kept when this fraction of its area remains
+    aug.TEST_SCALE = 2.0  # testing: whole images rescaled by this factor (instead of INPUT.MIN_SIZE_TEST)
     return cfg
 
 
@@ -91,10 +93,12 @@ class RandomRelativeResize(T.Augmentation):
 
 
 def build_aerial_augmentation(cfg, is_train=True):
-    """The augmentation list of ``INPUT.AERIAL_AUGMENT`` (training). For testing, the usual shortest-edge resize."""
-    if not is_train:
-        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
+    """The augmentation list of ``INPUT.AERIAL_AUGMENT``; for testing, the rescale by ``TEST_SCALE`` only."""
     aug = cfg.INPUT.AERIAL_AUGMENT
+    if not is_train:
+        if aug.TEST_SCALE <= 0:
+            raise ValueError(f"INPUT.AERIAL_AUGMENT.TEST_SCALE must be > 0, got {aug.TEST_SCALE}")
+        return [RandomRelativeResize(aug.TEST_SCALE, aug.TEST_SCALE)]
     lo, hi = (float(v) for v in aug.SCALE_RANGE)
     if not 0 < lo <= hi:
         raise ValueError(f"INPUT.AERIAL_AUGMENT.SCALE_RANGE must be 0 < min <= max, got {tuple(aug.SCALE_RANGE)}")
