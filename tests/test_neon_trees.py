@@ -175,14 +175,15 @@ def test_offline_error_names_package_command_and_place(tmp_path, monkeypatch):
 
 
 def test_training_on_tree_tiles_loss_falls(data_dir, tmp_path):
-    """tools/train_net.py on the tree config (tiny: 128 px crops, 2 per batch, 40 iterations): the loss falls."""
+    """tools/train_net.py on the tree config (tiny: 96 px crops, 2 per batch, 40 iterations): the loss falls."""
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=ROOT, PRROI_D2_DATASETS=os.path.dirname(data_dir))
     opts = [
         "SOLVER.MAX_ITER", "40", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "5",
-        "SOLVER.STEPS", "(100,)", "SOLVER.CHECKPOINT_PERIOD", "1000", "INPUT.AERIAL_AUGMENT.CROP_SIZE", "128",
+        "SOLVER.STEPS", "(100,)", "SOLVER.CHECKPOINT_PERIOD", "1000", "INPUT.AERIAL_AUGMENT.CROP_SIZE", "96",
         "INPUT.AERIAL_AUGMENT.SCALE_RANGE", "(1.0, 1.0)", "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()",
         "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200", "OUTPUT_DIR", str(out),
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.IOU_NET.JITTER.NUM_PER_IMAGE", "32",
     ]  # fmt: skip
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file"]
     cmd += [os.path.join(ROOT, "configs", "iounet_trees_R18.yaml")] + opts
@@ -190,4 +191,5 @@ def test_training_on_tree_tiles_loss_falls(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "metrics.json", encoding="utf-8") as f:
         losses = [r["total_loss"] for r in map(json.loads, f) if "total_loss" in r]
-    assert len(losses) >= 2 and losses[-1] < 0.8 * losses[0], losses
+    # Detectron2 writes the median of the last 20 iterations at iterations 19 and 39: two disjoint windows.
+    assert len(losses) == 2 and losses[1] < 0.8 * losses[0], losses

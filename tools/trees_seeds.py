@@ -8,7 +8,8 @@ the validation image (docs/trees.md's table).
 Each run trains on ``neon_trees_train_fit`` (the training image without its bottom strip) and evaluates every
 ``--eval-period`` iterations on ``neon_trees_train_holdout`` (the strip). The iteration whose mean refined AP on the
 strip over the seeds is highest is chosen; only then is each seed's checkpoint of that iteration evaluated on
-``neon_trees_val``, which therefore never influences a choice. Writes ``<output>/summary.{json,md}``.
+``neon_trees_val``, which therefore never influences a choice. Writes ``<output>/summary.{json,md}`` (mean +- std
+and per-seed tables), ``ap_vs_iou.png`` (mean over seeds) and ``refinement_val.png`` (the first seed).
 """
 
 import argparse
@@ -81,6 +82,34 @@ def _table(per_seed):
     return "\n".join(lines)
 
 
+def _per_seed_rows(per_seed):
+    """Markdown table: one row per seed and stage."""
+    lines = ["| seed | stage | AP | AP50 | AP75 | AP90 | Pearson (matched) |", "|---|---|---|---|---|---|---|"]
+    for r in per_seed:
+        for stage in STAGES:
+            row = r["stages"][stage]
+            pearson = r["stages"]["localization"].get(f"iou_pearson_{stage}")
+            cells = [f"{row.get(m, float('nan')):.1f}" for m in METRICS]
+            cells.append("-" if pearson is None else f"{pearson:.2f}")
+            lines.append(f"| {r['seed']} | {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _figures(output, runs, per_seed):
+    """``ap_vs_iou.png`` (mean over seeds, per stage) and ``refinement_val.png`` (the first seed's picture)."""
+    import shutil
+
+    from prroi_d2.evaluation.reports import plot_ap_vs_iou
+
+    curves = [r["stages"].get("ap_per_iou_threshold") for r in per_seed]
+    if all(curves):
+        mean = {s: [statistics.fmean(c[s][i] for c in curves) for i in range(len(curves[0][s]))] for s in STAGES}
+        plot_ap_vs_iou(mean, os.path.join(output, "ap_vs_iou.png"))
+    pictures = sorted(glob.glob(os.path.join(runs[0], "val", "inference", "refinement_examples", "*.png")))
+    if pictures:
+        shutil.copyfile(pictures[0], os.path.join(output, "refinement_val.png"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="configs/iounet_trees_R18.yaml")
@@ -146,7 +175,8 @@ def main():
         json.dump(summary, f, indent=1)
     text = f"Chosen on the strip: iteration {chosen}; neon_trees_val, seeds {args.seeds}:\n\n"
     if all(r["stages"] for r in per_seed):
-        text += _table(per_seed) + "\n"
+        text += _table(per_seed) + "\n\n" + _per_seed_rows(per_seed) + "\n"
+        _figures(args.output, runs, per_seed)
     with open(os.path.join(args.output, "summary.md"), "w", encoding="utf-8") as f:
         f.write(text)
     print(text)
