@@ -2,7 +2,7 @@
 """Train a tree-crown config with several seeds side by side, choose the checkpoint on the held-out strip, report
 the validation image (docs/trees.md's table).
 
-    python tools/trees_seeds.py --seeds 0 1 2 --output output/trees_seeds            # one GPU, about 6 minutes
+    python tools/trees_seeds.py --seeds 0 1 2 --output output/trees_seeds            # one GPU, runs side by side
     python tools/trees_seeds.py --seeds 0 1 2 --time-limit 240 -- SOLVER.WEIGHT_DECAY 0.0005   # config overrides
 
 Each run trains on ``neon_trees_train_fit`` (the training image without its bottom strip) and evaluates every
@@ -115,7 +115,7 @@ def main():
     parser.add_argument("--config-file", default="configs/iounet_trees_R18.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", default="output/trees_seeds")
-    parser.add_argument("--eval-period", type=int, default=250)
+    parser.add_argument("--eval-period", type=int, default=200)
     parser.add_argument("--time-limit", type=float, default=420.0, help="seconds of training before SIGINT")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, after --")
     args = parser.parse_args()
@@ -141,10 +141,14 @@ def main():
     codes = _run_all(train, [d + ".train.log" for d in runs], args.time_limit)
     train_s = time.monotonic() - start
     curves = [_holdout_curve(d) for d in runs]
-    common = sorted(set.intersection(*(set(c) for c in curves))) if all(curves) else []
+    # A run that diverged (Detectron2 stops it with FloatingPointError) is reported, and left out of the choice.
+    alive = [c for c in curves if c]
+    common = sorted(set.intersection(*(set(c) for c in alive))) if alive else []
     if not common:
-        raise SystemExit(f"no held-out evaluation common to every run (exit codes {codes}); see {args.output}/*.log")
-    chosen = max(common, key=lambda it: statistics.fmean(c[it]["refined"] for c in curves))
+        raise SystemExit(f"no held-out evaluation common to the runs (exit codes {codes}); see {args.output}/*.log")
+    chosen = max(common, key=lambda it: statistics.fmean(c[it]["refined"] for c in alive))
+    runs = [d for d, c in zip(runs, curves) if chosen in c]
+    seeds = [s for s, c in zip(args.seeds, curves) if chosen in c]
 
     evals = [
         train_net
@@ -155,7 +159,7 @@ def main():
     ]
     eval_codes = _run_all(evals, [d + ".val.log" for d in runs], 600)
     per_seed = []
-    for s, d in zip(args.seeds, runs):
+    for s, d in zip(seeds, runs):
         path = os.path.join(d, "val", "inference", "iounet_stages.json")
         stages = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else None
         per_seed.append({"seed": s, "stages": stages})
@@ -163,6 +167,7 @@ def main():
         "config": args.config_file,
         "opts": opts,
         "seeds": args.seeds,
+        "seeds_reported": seeds,
         "train_exit_codes": codes,
         "eval_exit_codes": eval_codes,
         "train_seconds": round(train_s, 1),
@@ -173,7 +178,7 @@ def main():
     }
     with open(os.path.join(args.output, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    text = f"Chosen on the strip: iteration {chosen}; neon_trees_val, seeds {args.seeds}:\n\n"
+    text = f"Chosen on the strip: iteration {chosen}; neon_trees_val, seeds {seeds} (of {args.seeds}):\n\n"
     if all(r["stages"] for r in per_seed):
         text += _table(per_seed) + "\n\n" + _per_seed_rows(per_seed) + "\n"
         _figures(args.output, runs, per_seed)
