@@ -31,6 +31,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from prroi_d2 import add_iounet_config  # noqa: E402
 from prroi_d2.config_checks import check_iounet_config  # noqa: E402
+from prroi_d2.data.augmentation import AerialDatasetMapper, add_aerial_augment_config  # noqa: E402
 from prroi_d2.data.named_decode import ImageDecodeError, NamedDecodeErrors, decode_error_message  # noqa: E402
 from prroi_d2.data.preflight import CHECK_IMAGES, INVALID_BOXES, DatasetCheckError, run_preflight  # noqa: E402
 from prroi_d2.engine import IoULearningMonitor, launch  # noqa: E402
@@ -87,13 +88,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        mapper = NamedDecodeErrors(DatasetMapper(cfg, is_train=True), cfg.DATASETS.TRAIN)
-        return build_detection_train_loader(cfg, mapper=mapper)
+        """Detectron2's loader (with ``INPUT.AERIAL_AUGMENT.ENABLED``: the aerial augmentations and crop-edge rule);
+        an image that fails to decode is named with its dataset."""
+        mapper = AerialDatasetMapper(cfg, True) if cfg.INPUT.AERIAL_AUGMENT.ENABLED else DatasetMapper(cfg, True)
+        return build_detection_train_loader(cfg, mapper=NamedDecodeErrors(mapper, cfg.DATASETS.TRAIN))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        mapper = NamedDecodeErrors(DatasetMapper(cfg, is_train=False), dataset_name)
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        """Detectron2's loader (with ``INPUT.AERIAL_AUGMENT.ENABLED``: whole images rescaled by its TEST_SCALE); an
+        image that fails to decode is named with its dataset."""
+        mapper = AerialDatasetMapper(cfg, False) if cfg.INPUT.AERIAL_AUGMENT.ENABLED else DatasetMapper(cfg, False)
+        return build_detection_test_loader(cfg, dataset_name, mapper=NamedDecodeErrors(mapper, dataset_name))
 
     def build_writers(self):
         """Detectron2's writers; without the ``tensorboard`` package, the console and metrics.json ones only."""
@@ -113,6 +118,7 @@ class Trainer(DefaultTrainer):
 def setup(args):
     cfg = get_cfg()
     add_iounet_config(cfg)
+    add_aerial_augment_config(cfg)
     try:
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)

@@ -1,10 +1,13 @@
 """Datasets for IoU-Net jobs (the Detectron2 glue layer; Detectron2 is imported only when a dataset is registered).
 
 ``prroi_d2.data.synthetic`` renders the embedded synthetic COCO-format shapes dataset and registers it with
-Detectron2 (:func:`register_synthetic_datasets`).
+Detectron2 (:func:`register_synthetic_datasets`); ``prroi_d2.data.neon_trees`` fetches and converts the NEON tree-crown
+imagery (:func:`register_neon_trees_datasets`). ``prroi_d2.data.augmentation`` (imports Detectron2; not re-exported
+here) holds the aerial augmentations and their dataset mapper.
 """
 
-from prroi_d2.data import synthetic
-from prroi_d2.data.synthetic import *  # noqa: F403 - the package re-exports synthetic's public names
+from prroi_d2.data import neon_trees, synthetic
+from prroi_d2.data.neon_trees import *  # noqa: F403 - the package re-exports its modules' public names
+from prroi_d2.data.synthetic import *  # noqa: F403
 
-__all__ = list(synthetic.__all__)
+__all__ = list(synthetic.__all__) + list(neon_trees.__all__)

@@ -13,6 +13,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from prroi_d2.data import register_synthetic_datasets
+from prroi_d2.data.neon_trees import NeonTreesDownloadError, register_neon_trees_datasets
 from prroi_d2.data.register import register_coco_dataset
 from prroi_d2.engine.checkpoint import SafeCheckpointer
 from prroi_d2.evaluation import IoUNetEvaluator, draw_refinement_examples
@@ -32,6 +33,7 @@ __all__ = [
 
 SYNTHETIC_PREFIX = "iounet_synth"
 SYNTHETIC_CONFIG = "configs/iounet_synthetic_R18.yaml"
+NEON_TREES_PREFIX = "neon_trees"
 logger = logging.getLogger(__name__)
 
 
@@ -45,7 +47,8 @@ def register_datasets(
     names: Iterable[str], coco_format: Optional[Sequence[Tuple[str, str, str]]] = (), replace: bool = False
 ) -> None:
     """Register the ``--register NAME JSON IMAGE_ROOT`` datasets (a taken NAME is an error unless ``replace``), and
-    the embedded synthetic set (generated on first use) if ``names`` name it."""
+    the embedded synthetic set (generated on first use) or the NEON tree crowns (fetched and converted on first use)
+    if ``names`` name them."""
     for name, json_file, image_root in coco_format or ():
         try:
             register_coco_dataset(name, json_file, image_root, replace=replace)
@@ -53,6 +56,11 @@ def register_datasets(
             raise SystemExit(str(e)) from None
     if any(name.startswith(SYNTHETIC_PREFIX + "_") for name in names):
         register_synthetic_datasets(prefix=SYNTHETIC_PREFIX)
+    if any(name.startswith(NEON_TREES_PREFIX + "_") for name in names):
+        try:
+            register_neon_trees_datasets(prefix=NEON_TREES_PREFIX)
+        except NeonTreesDownloadError as e:
+            raise SystemExit(str(e)) from None
 
 
 def missing_data_message(names: Iterable[str]) -> Optional[str]:
