@@ -163,7 +163,7 @@ def run(args):
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     if comm.is_main_process():
-        report(cfg)
+        report(cfg.OUTPUT_DIR, list(cfg.DATASETS.TEST))
     return results
 
 
