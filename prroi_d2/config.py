@@ -35,6 +35,9 @@ def add_iounet_config(cfg: CN) -> CN:
     iou.HEAD.SMOOTH_L1_BETA = 1.0
     iou.HEAD.LOSS_WEIGHT = 5.0
     iou.HEAD.PRED_INIT_STD = 0.01
+    # "" or "LN": LayerNorm on each hidden FC layer before its ReLU (per box), which keeps the head from collapsing
+    # to a constant when early updates kill every unit of a layer.
+    iou.HEAD.NORM = ""
 
     # Training boxes of the IoU branch: jittered ground truth, sampled uniformly over IoU bins in [MIN_IOU, 1].
     iou.JITTER = CN()

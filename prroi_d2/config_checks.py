@@ -60,6 +60,7 @@ RULES: Dict[str, Tuple[Callable, str]] = {
     "HEAD.SMOOTH_L1_BETA": _float(lambda v: v >= 0, ">= 0"),
     "HEAD.LOSS_WEIGHT": _float(lambda v: v >= 0, ">= 0"),
     "HEAD.PRED_INIT_STD": _float(lambda v: v >= 0, ">= 0"),
+    "HEAD.NORM": _choice(("", "LN")),
     "JITTER.NUM_PER_IMAGE": _int(1),
     "JITTER.NUM_BINS": _int(1),
     "JITTER.MIN_IOU": _float(lambda v: 0 <= v < 1, "in [0, 1)"),

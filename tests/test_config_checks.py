@@ -12,6 +12,7 @@ from detectron2.config import get_cfg
 
 from prroi_d2 import add_iounet_config
 from prroi_d2.config_checks import RULES, check_iounet_config
+from prroi_d2.data.augmentation import add_aerial_augment_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD = {
     "TRAIN_ONLY_IOU_HEAD": 1, "OUTPUT_STAGES": "yes", "IN_FEATURES": ["p2", "p2"], "POOLER_TYPE": "",
     "POOLER_RESOLUTION": 0, "HEAD.NAME": "", "HEAD.NUM_FC": -1, "HEAD.FC_DIM": 0, "HEAD.CLS_AGNOSTIC": None,
-    "HEAD.LOSS_TYPE": "l2", "HEAD.SMOOTH_L1_BETA": -0.5, "HEAD.LOSS_WEIGHT": float("inf"),
+    "HEAD.LOSS_TYPE": "l2", "HEAD.NORM": "BN", "HEAD.SMOOTH_L1_BETA": -0.5, "HEAD.LOSS_WEIGHT": float("inf"),
     "HEAD.PRED_INIT_STD": float("nan"), "JITTER.NUM_PER_IMAGE": 0, "JITTER.NUM_BINS": 2.0, "JITTER.MIN_IOU": 1.0,
     "JITTER.MAX_SHIFT": -0.1, "JITTER.MAX_SCALE": 0.9, "JITTER.CANDIDATES_PER_SAMPLE": 0,
     "JITTER.ADD_PROPOSALS": "False", "NMS.ENABLED": 0, "NMS.IOU_THRESH": 1.5, "NMS.RANK": "score",
@@ -63,7 +64,7 @@ def test_each_bad_value_is_named(key):
 def test_defaults_and_shipped_configs_pass():
     check_iounet_config(_cfg())
     for path in glob.glob(os.path.join(REPO, "configs", "*.yaml")):
-        cfg = _cfg()
+        cfg = add_aerial_augment_config(_cfg())  # the tree-crown config's INPUT.AERIAL_AUGMENT, as train_net adds it
         cfg.merge_from_file(path)
         check_iounet_config(cfg)
 

@@ -26,11 +26,18 @@ attribute ``cuda_graph_safe = True``: refinement then replays it from CUDA graph
 """
 
 LOSS_TYPES = ("smooth_l1", "bce")
+NORMS = ("", "LN")
 
 
 @IOU_HEAD_REGISTRY.register()
 class IoUHead(nn.Module):
-    """Fully connected IoU head: flatten -> ``num_fc`` x (FC ``fc_dim`` + ReLU) -> FC to one output per class.
+    """Fully connected IoU head: flatten -> ``num_fc`` x (FC ``fc_dim`` [+ LayerNorm] + ReLU) -> FC to one output per
+    class.
+
+    ``norm="LN"`` normalises each hidden layer of each box over its units before the ReLU (no coupling between boxes,
+    so refinement's per-box gradients stay independent). Without it, large early updates can push every unit of the
+    first layer below zero for every box: the head then outputs a constant and stops learning (its ``loss_ratio``
+    stays at 1; docs/iounet.md). With it, about half the units of every box stay active whatever the weights do.
 
     Outputs are raw: with ``loss_type="smooth_l1"`` they estimate ``2 * IoU - 1`` (smooth-L1 loss), with ``"bce"``
     the logit of IoU (sigmoid + binary cross-entropy). :meth:`predict_ious` maps both to IoU in [0, 1].
@@ -51,10 +58,13 @@ class IoUHead(nn.Module):
         smooth_l1_beta: float = 1.0,
         loss_weight: float = 5.0,
         pred_init_std: float = 0.01,
+        norm: str = "",
     ):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"MODEL.IOU_NET.HEAD.LOSS_TYPE must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if norm not in NORMS:
+            raise ValueError(f"MODEL.IOU_NET.HEAD.NORM must be one of {NORMS}, got {norm!r}")
         if num_fc < 0 or fc_dim < 1 or num_classes < 1:
             raise ValueError(
                 f"IoU head needs num_fc >= 0, fc_dim >= 1, num_classes >= 1; got {num_fc}, {fc_dim}, {num_classes}"
@@ -70,7 +80,7 @@ class IoUHead(nn.Module):
         for _ in range(num_fc):
             fc = nn.Linear(in_dim, fc_dim)
             weight_init.c2_xavier_fill(fc)
-            layers += [fc, nn.ReLU(inplace=True)]
+            layers += [fc] + ([nn.LayerNorm(fc_dim)] if norm == "LN" else []) + [nn.ReLU(inplace=True)]
             in_dim = fc_dim
         self.fcs = nn.Sequential(*layers)
         self.predictor = nn.Linear(in_dim, 1 if class_agnostic else num_classes)
@@ -90,6 +100,7 @@ class IoUHead(nn.Module):
             "smooth_l1_beta": head.SMOOTH_L1_BETA,
             "loss_weight": head.LOSS_WEIGHT,
             "pred_init_std": head.PRED_INIT_STD,
+            "norm": head.NORM,
         }
 
     def forward(self, x: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ def synthetic_model(model):
     if "iou_branch" in heads:
         heads.iou_branch.iou_head.fc_dim = 256
         heads.iou_branch.jitter.num_samples = 64
+        heads.iou_branch.jitter.min_iou = 0.3
         heads.iou_branch.nms_rank = "score_x_iou"
     return model
 
@@ -68,5 +69,5 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 
 train = model_zoo.get_config("common/train.py").train
-train.update(max_iter=MAX_ITER, eval_period=0, device="cuda", seed=-1)
+train.update(max_iter=MAX_ITER, eval_period=0, device="cuda", seed=0)
 train.checkpointer.period = 500

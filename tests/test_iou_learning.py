@@ -1,0 +1,24 @@
+"""The IoU head learns on the main job: the seed that once stalled it (its first FC layer died in warm-up) trains
+the demo config for 300 iterations on the CPU with a loss ratio <= 0.7, through tools/check_iou_learning.py (a real
+training process, its metrics.json read back). About 2.5 minutes on 2 cores."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_config_learns_with_the_seed_that_stalled(tmp_path):
+    table = tmp_path / "table.json"
+    command = [sys.executable, os.path.join(ROOT, "tools", "check_iou_learning.py"), "--seeds", "18661646",
+               "--iters", "300", "--at", "100", "200", "300", "--output-dir", str(tmp_path), "--json", str(table)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1500)
+    assert table.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    row = json.loads(table.read_text())["18661646"]
+    ratios = [row[str(it)]["iou_net/loss_ratio"] for it in (100, 200, 300)]
+    pearson = row["300"]["iou_net/train_pearson"]
+    assert ratios[2] <= 0.7, f"loss ratio at 100/200/300: {ratios}; train Pearson at 300: {pearson}"
+    assert ratios[2] < ratios[0] and pearson > 0.5, (ratios, pearson)
+    assert done.returncode == 0 and "every seed's loss ratio <= 0.7" in done.stdout, done.stdout[-2000:]
