@@ -12,8 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_config_learns_with_the_seed_that_stalled(tmp_path):
     table = tmp_path / "table.json"
-    command = [sys.executable, os.path.join(ROOT, "tools", "check_iou_learning.py"), "--seeds", "18661646",
-               "--iters", "300", "--at", "100", "200", "300", "--output-dir", str(tmp_path), "--json", str(table)]  # fmt: skip
+    tool = os.path.join(ROOT, "tools", "check_iou_learning.py")
+    command = [sys.executable, tool, "--seeds", "18661646", "--iters", "300", "--at", "100", "200", "300",
+               "--output-dir", str(tmp_path), "--json", str(table)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1500)
     assert table.exists(), done.stdout[-3000:] + done.stderr[-3000:]
     row = json.loads(table.read_text())["18661646"]
