@@ -14,7 +14,8 @@ events after warm-up (the candidates of a section alternate iteration by iterati
           IoU-Net (IoU prediction, IoU-guided NMS, refinement; OUTPUT_STAGES False), plus IoU-Net with a ROIAlignV2
           box head.
 * stages: each IoU-Net stage timed on its own, on inputs captured from one forward of the same workload: the ROI
-          heads' _candidates, _predict_ious (pool + IoU head), iou_guided_nms, _top_per_image, _refine (T=5), and for
+          heads' select_candidates, IoUBranch.predict_ious (pool + IoU head), iou_guided_nms, top_per_image,
+          IoUBranch.refine (T=5), and for
           comparison Detectron2's batched_nms and fast_rcnn_inference, the box head on both poolers, and both ROI
           heads whole.
 * pool:   Detectron2's ROIPooler, PrRoIPoolV2 vs ROIAlignV2, 7x7, P2-P5 of an 800x1216 image (256 channels),

@@ -43,8 +43,9 @@ def train_one(config: str, seed: int, iters: int, output_dir: str, overrides: Li
     if os.path.exists(metrics):
         os.remove(metrics)
     command = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config,
-               "SEED", str(seed), "SOLVER.MAX_ITER", str(iters), "SOLVER.CHECKPOINT_PERIOD", str(10 * iters),
-               "DATASETS.TEST", "()", "OUTPUT_DIR", output_dir] + overrides  # fmt: skip
+               "SEED", str(seed), "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", str(iters),
+               "SOLVER.CHECKPOINT_PERIOD", str(10 * iters), "DATASETS.TEST", "()", "OUTPUT_DIR", output_dir,
+               ] + overrides  # fmt: skip
     log = os.path.join(output_dir, "check.log")
     with open(log, "w") as f:
         done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)

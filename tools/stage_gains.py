@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Refined-minus-baseline gains of IoU-Net runs, per run and mean, as a Markdown table.
 
-    python tools/stage_gains.py output/item3/faster_s1 output/item3/faster_s2 ... [--metrics AP AP75 AP90]
+    python tools/stage_gains.py output/cascade_gain/faster_s1 output/cascade_gain/faster_s2 ... [--metrics AP AP75 AP90]
 
 Each argument is a training's OUTPUT_DIR (its inference/iounet_stages.json, written by tools/train_net.py); runs are
 grouped by their name without a trailing ``_s<seed>`` (``faster_s1``, ``faster_s2`` -> ``faster``).

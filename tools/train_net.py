@@ -16,7 +16,6 @@ coco_instances_results_<stage>.json, ap_vs_iou.png, iou_histogram.png and refine
 Without CUDA, training runs on the CPU; --num-gpus N then starts N CPU processes (gloo).
 """
 
-import logging
 import os
 import sys
 
@@ -27,7 +26,6 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from prroi_d2 import add_iounet_config  # noqa: E402
 from prroi_d2.config_checks import check_iounet_config  # noqa: E402
@@ -43,8 +41,6 @@ from prroi_d2.engine.checkpoint import (  # noqa: E402
     load_weights_for_eval,
 )
 from prroi_d2.engine.steps import build_evaluator, build_writers, prepare_datasets, report, setup_run  # noqa: E402
-
-logger = logging.getLogger("prroi_d2.train_net")
 
 
 class Trainer(DefaultTrainer):
@@ -132,7 +128,6 @@ def setup(args):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     setup_run(cfg, args)
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="prroi_d2", abbrev_name="prroi_d2")
     return cfg
 
 

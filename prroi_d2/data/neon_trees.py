@@ -353,7 +353,7 @@ def prepare_neon_trees(root=None, pip_args=()):
                 pass  # absent, or another process moved it away
             try:
                 os.rename(tmp, data_dir)
-                tmp = stale
+                tmp = os.path.join(data_dir, "stale")  # the old copy moved in with the new one: remove it
             except OSError:
                 pass  # another process installed its (identical) copy first
     finally:

@@ -136,12 +136,17 @@ def run_preflight(cfg, *, eval_only: bool = False, check_images: str = "header",
     (an empty dict on the other processes)."""
     from detectron2.utils import comm
 
-    results = {}
+    results, failure = {}, None
     if comm.is_main_process():
-        results = check_datasets(cfg, eval_only=eval_only, check_images=check_images, invalid_boxes=invalid_boxes)
+        try:
+            results = check_datasets(cfg, eval_only=eval_only, check_images=check_images, invalid_boxes=invalid_boxes)
+        except DatasetCheckError as e:
+            failure = str(e)
     to_filter = sorted(n for n, f in results.items() if any(k.endswith("(dropped)") for k in f.warnings))
-    if comm.get_world_size() > 1:
-        to_filter = comm.all_gather(to_filter)[0]
+    if comm.get_world_size() > 1:  # every process learns the outcome: none waits for a main process that stopped
+        to_filter, failure = comm.all_gather((to_filter, failure))[0]
+    if failure is not None:
+        raise DatasetCheckError(failure)
     for name in to_filter:
         _install_box_filter(name)
     return results

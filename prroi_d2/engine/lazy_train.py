@@ -108,7 +108,7 @@ def do_train(args, cfg: DictConfig):
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
             hooks.EvalHook(cfg.train.eval_period, evaluate),
-            IoULearningMonitor(start_iter=300),
+            IoULearningMonitor(start_iter=_monitor_start(cfg)),
             hooks.PeriodicWriter(build_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
             if main_process
             else None,
@@ -118,6 +118,13 @@ def do_train(args, cfg: DictConfig):
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
     return results
+
+
+def _monitor_start(cfg: DictConfig) -> int:
+    """When the stall warning may fire: three warm-ups (``lr_multiplier.warmup_length`` of ``train.max_iter``) or
+    iteration 300, whichever is later (as for YAML configs)."""
+    warmup = cfg.get("lr_multiplier", {}).get("warmup_length", 0) or 0
+    return max(int(3 * warmup * cfg.train.max_iter), 300)
 
 
 def _preflight_view(cfg: DictConfig, train_names: List[str], test_names: List[str]) -> CN:

@@ -10,7 +10,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_setup, default_writers
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from detectron2.utils.logger import setup_logger
 
 from prroi_d2.data import register_synthetic_datasets
 from prroi_d2.data.neon_trees import NeonTreesDownloadError, register_neon_trees_datasets
@@ -38,9 +40,12 @@ logger = logging.getLogger(__name__)
 
 
 def setup_run(cfg, args) -> None:
-    """Detectron2's ``default_setup`` for a ``CfgNode`` or a LazyConfig: logging, the config saved to the output
-    folder and the seed of every random generator (``SEED`` / ``train.seed``; < 0 draws one), plus the rank."""
+    """Detectron2's ``default_setup`` for a ``CfgNode`` or a LazyConfig (logging, the config saved to the output
+    folder and the seed of every random generator: ``SEED`` / ``train.seed``; < 0 draws one), and prroi_d2's own
+    logger to the same console and ``log.txt``."""
     default_setup(cfg, args)
+    output_dir = cfg.OUTPUT_DIR if hasattr(cfg, "OUTPUT_DIR") else cfg.train.output_dir
+    setup_logger(output_dir, distributed_rank=comm.get_rank(), name="prroi_d2", abbrev_name="prroi_d2")
 
 
 def register_datasets(
