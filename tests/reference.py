@@ -156,3 +156,21 @@ def forward_backward(fn, features: Tensor, rois: Tensor, grad_out: Tensor):
     out = fn(features, rois)
     out.backward(grad_out)
     return out.detach(), features.grad, rois.grad
+
+
+def assert_baseline_stage_equals_stock(model, stock, batch) -> list:
+    """Run IoU-Net ``model`` and the stock detector ``stock`` (eval mode) on ``batch``; assert that every image's
+    ``baseline`` stage equals the stock detector's output exactly (boxes, scores, classes). Returns the baseline
+    ``Instances`` per image."""
+    with torch.no_grad():
+        ours = model(batch)
+        theirs = stock(batch)
+    baselines = []
+    for a, b in zip(ours, theirs):
+        base, ref = a["stages"]["baseline"], b["instances"]
+        assert len(ref) > 3
+        torch.testing.assert_close(base.pred_boxes.tensor, ref.pred_boxes.tensor, rtol=0, atol=0)
+        torch.testing.assert_close(base.scores, ref.scores, rtol=0, atol=0)
+        assert torch.equal(base.pred_classes, ref.pred_classes)
+        baselines.append(base)
+    return baselines

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("detectron2")
 
 from detectron2.modeling import build_model
+from reference import assert_baseline_stage_equals_stock
 from test_iounet_model import _batch, _cfg, _train_steps
 
 from prroi_d2.modeling import IoUBranch, IoUNetCascadeROIHeads, IoUNetRCNN
@@ -62,16 +63,7 @@ def test_cascade_baseline_stage_equals_stock_cascade_roi_heads(num_images, box_p
     stock = _stock(cfg, "CascadeROIHeads")
     missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
     assert not missing and set(unexpected) == OLD_IOU_HEAD_KEYS
-    batch = _batch(seed=3)[:num_images]
-    with torch.no_grad():
-        ours = model(batch)
-        theirs = stock(batch)
-    for a, b in zip(ours, theirs):
-        base, ref = a["stages"]["baseline"], b["instances"]
-        assert len(ref) > 3
-        torch.testing.assert_close(base.pred_boxes.tensor, ref.pred_boxes.tensor, rtol=0, atol=0)
-        torch.testing.assert_close(base.scores, ref.scores, rtol=0, atol=0)
-        assert torch.equal(base.pred_classes, ref.pred_classes)
+    assert_baseline_stage_equals_stock(model, stock, _batch(seed=3)[:num_images])
 
 
 def test_cascade_inference_without_the_iou_branch_is_stock_cascade_and_with_it_differs():

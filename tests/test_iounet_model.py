@@ -17,6 +17,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.solver import build_optimizer
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
+from reference import assert_baseline_stage_equals_stock
 
 from prroi_d2 import add_iounet_config
 from prroi_d2.functional import boxes_to_rois
@@ -171,16 +172,7 @@ def test_baseline_stage_equals_stock_standard_roi_heads(num_images):
     stock = build_model(stock_cfg).eval()
     missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(k.startswith("roi_heads.iou_head.") for k in unexpected)
-    batch = _batch(seed=3)[:num_images]
-    with torch.no_grad():
-        ours = model(batch)
-        theirs = stock(batch)
-    for a, b in zip(ours, theirs):
-        base, ref = a["stages"]["baseline"], b["instances"]
-        assert len(ref) > 3
-        torch.testing.assert_close(base.pred_boxes.tensor, ref.pred_boxes.tensor, rtol=0, atol=0)
-        torch.testing.assert_close(base.scores, ref.scores, rtol=0, atol=0)
-        assert torch.equal(base.pred_classes, ref.pred_classes)
+    for base in assert_baseline_stage_equals_stock(model, stock, _batch(seed=3)[:num_images]):
         assert base.has("pred_ious")
 
 
@@ -276,7 +268,7 @@ def test_cuda_graph_refinement_equals_eager_refinement():
 
 
 def test_top_per_image_single_image_path_equals_general_path():
-    from prroi_d2.modeling.roi_heads import _top_per_image
+    from prroi_d2.modeling.detections import top_per_image as _top_per_image
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (40,), generator=g).float()  # many ties: their input order must be kept

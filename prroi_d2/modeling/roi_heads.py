@@ -14,12 +14,9 @@ from detectron2.structures import Instances
 from torch import Tensor, nn
 
 from prroi_d2.modeling import poolers
-from prroi_d2.modeling.detections import top_per_image
 from prroi_d2.modeling.iou_branch import STAGES, IoUBranch
 
 __all__ = ["IoUBranchMixin", "IoUNetCascadeROIHeads", "IoUNetROIHeads", "STAGES"]
-
-_top_per_image = top_per_image  # the name earlier code imported from here
 
 
 class IoUBranchMixin:
