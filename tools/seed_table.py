@@ -7,7 +7,10 @@
         --common MODEL.DEVICE cuda
 
 Each (variant, seed) is one ``tools/train_net.py`` process (``SEED s``, ``OUTPUT_DIR <output-dir>/<variant>/seed_s``,
-the variant's then the common ``KEY VALUE`` overrides), at most ``--parallel`` at once; ``--eval-only`` evaluates the
+the variant's then the common ``KEY VALUE`` overrides, where ``{seed}`` stands for the seed, e.g. ``MODEL.WEIGHTS
+output/plain/seed_{seed}/model_final.pth``), at most ``--parallel`` at once. A run that already has its
+``model_final.pth`` and results is not trained again, and one with a ``last_checkpoint`` resumes from it, so a table
+cut short by a time limit is finished by the same command. ``--eval-only`` evaluates the
 runs' ``model_final.pth`` instead (with other overrides, e.g. refinement settings, under ``--tag``). The table reads
 each run's ``inference/[<dataset>/]iounet_stages.json``: per variant and stage, AP, AP50, AP75, AP90 and the IoU
 statistics as mean +- std over the seeds, and the refined-minus-baseline gain per seed. ``--json`` keeps it all.
@@ -26,17 +29,25 @@ from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("AP", "AP50", "AP75", "AP90")
+STAGES_FILE = "iounet_stages.json"
 
 
 def run_job(name: str, config: str, seed: int, overrides: List[str], out: str, eval_only: bool, tag: str) -> Dict:
     """Train (or evaluate) one variant with one seed; returns {"seconds", "returncode", "log"}."""
-    os.makedirs(out, exist_ok=True)
     command = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config]
+    if eval_only:  # into <run>/eval_<tag> when tagged, so the training's own results stay
+        weights, out = os.path.join(out, "model_final.pth"), results_dir(out, eval_only, tag)
+        command += ["--eval-only", "MODEL.WEIGHTS", weights]
+    elif os.path.exists(os.path.join(out, "model_final.pth")) and glob.glob(
+        os.path.join(out, "inference", "**", STAGES_FILE), recursive=True
+    ):
+        print(f"{name} seed {seed}: already trained and evaluated ({out})", flush=True)
+        return {"seconds": None, "returncode": 0, "log": None}
+    elif os.path.exists(os.path.join(out, "last_checkpoint")):
+        command.append("--resume")
+    os.makedirs(out, exist_ok=True)
     extra = ["SEED", str(seed), "OUTPUT_DIR", out]
-    if eval_only:
-        command.append("--eval-only")
-        extra += ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]
-    log = os.path.join(out, f"{'eval' if eval_only else 'train'}{'_' + tag if tag else ''}.log")
+    log = os.path.join(out, "eval.log" if eval_only else "train.log")
     start = time.perf_counter()
     with open(log, "w") as f:
         done = subprocess.run(command + overrides + extra, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -45,10 +56,15 @@ def run_job(name: str, config: str, seed: int, overrides: List[str], out: str, e
     return {"seconds": seconds, "returncode": done.returncode, "log": log}
 
 
+def results_dir(run: str, eval_only: bool, tag: str) -> str:
+    """Where a run's evaluation writes: the run's folder, or ``<run>/eval_<tag>`` for a tagged ``--eval-only``."""
+    return os.path.join(run, f"eval_{tag}") if eval_only and tag else run
+
+
 def stage_results(out: str, dataset: str) -> Dict:
     """The iounet_stages.json of a run (of ``dataset`` when it evaluated several), or {}."""
-    paths = [os.path.join(out, "inference", dataset, "iounet_stages.json")] if dataset else []
-    paths += sorted(glob.glob(os.path.join(out, "inference", "iounet_stages.json")))
+    paths = [os.path.join(out, "inference", dataset, STAGES_FILE)] if dataset else []
+    paths += sorted(glob.glob(os.path.join(out, "inference", STAGES_FILE)))
     for path in paths:
         if os.path.exists(path):
             with open(path) as f:
@@ -91,7 +107,7 @@ def table(summary: Dict, seeds: List[int]) -> str:
         iou_keys = sorted(k for k in results[0] if k.startswith("iou_") and isinstance(results[0][k], (int, float)))
         if iou_keys:
             lines.append("\n" + "; ".join(f"{k} {mean_std([r.get(k) for r in results])}" for k in iou_keys))
-        seconds = [runs[str(s)].get("seconds") for s in seeds if str(s) in runs]
+        seconds = [runs[str(s)].get("seconds") for s in seeds if str(s) in runs]  # None: trained before
         lines.append(f"\nwall time per run: {mean_std(seconds)} s")
     return "\n".join(lines)
 
@@ -116,7 +132,7 @@ def main(argv=None) -> int:
             parser.error(f"variant {name}: overrides must be KEY VALUE pairs, got {overrides}")
         for seed in args.seeds:
             out = os.path.join(args.output_dir, name, f"seed_{seed}")
-            jobs.append((name, config, seed, overrides + list(args.common), out))
+            jobs.append((name, config, seed, [o.replace("{seed}", str(seed)) for o in overrides + args.common], out))
     if args.collect:
         done = [{"returncode": 0} for _ in jobs]
     else:
@@ -125,14 +141,7 @@ def main(argv=None) -> int:
 
     summary: Dict[str, Dict] = {}
     for (name, _, seed, _, out), outcome in zip(jobs, done):
-        where = out
-        if args.eval_only and args.tag and not args.collect:  # keep each evaluation's copy apart
-            where = os.path.join(out, f"eval_{args.tag}")
-            os.makedirs(where, exist_ok=True)
-            if os.path.isdir(os.path.join(out, "inference")):
-                os.replace(os.path.join(out, "inference"), os.path.join(where, "inference"))
-        if args.collect and args.eval_only and args.tag:
-            where = os.path.join(out, f"eval_{args.tag}")
+        where = results_dir(out, args.eval_only, args.tag)
         summary.setdefault(name, {})[str(seed)] = dict(outcome, stages=stage_results(where, args.dataset))
     text = table(summary, args.seeds)
     print(text)

@@ -12,7 +12,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from prroi_d2.engine.steps import build_evaluator
 
 NUM_CLASSES = 5
-MAX_ITER = 1500
+MAX_ITER, STEPS = 750, (550, 700)  # the main job's schedule; its Faster and Cascade baselines train 1500, (1100, 1400)
 
 
 def synthetic_model(model):
@@ -37,10 +37,10 @@ def synthetic_model(model):
     for predictor in heads.box_predictors if "box_predictors" in heads else [heads.box_predictor]:
         predictor.input_shape = ShapeSpec(channels=256)
     if "iou_branch" in heads:
-        heads.iou_branch.iou_head.fc_dim = 256
+        heads.iou_branch.iou_head.update(fc_dim=256, loss_type="bce")
         heads.iou_branch.jitter.num_samples = 64
         heads.iou_branch.jitter.min_iou = 0.3
-        heads.iou_branch.nms_rank = "score_x_iou"
+        heads.iou_branch.update(nms_rank="score_x_iou", refine_step=1.0)
     return model
 
 
@@ -61,13 +61,21 @@ dataloader.evaluator = L(build_evaluator)(
 )
 
 optimizer = model_zoo.get_config("common/optim.py").SGD  # lr 0.02, momentum 0.9, weight decay 1e-4
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[1100, 1400], num_updates=MAX_ITER),
-    warmup_length=100 / MAX_ITER,
-    warmup_method="linear",
-    warmup_factor=0.001,
-)
+
+
+def synthetic_schedule(train, max_iter, steps):
+    """The YAML configs' SOLVER: ``max_iter`` iterations, linear warm-up over 100, x0.1 at each of ``steps``;
+    checkpoints every third of the run. Sets ``train``'s fields and returns the lr multiplier."""
+    train.update(max_iter=max_iter)
+    train.checkpointer.period = max_iter // 3
+    return L(WarmupParamScheduler)(
+        scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=list(steps), num_updates=max_iter),
+        warmup_length=100 / max_iter,
+        warmup_method="linear",
+        warmup_factor=0.001,
+    )
+
 
 train = model_zoo.get_config("common/train.py").train
-train.update(max_iter=MAX_ITER, eval_period=0, device="cuda", seed=0)
-train.checkpointer.period = 500
+train.update(eval_period=0, device="cuda", seed=0)
+lr_multiplier = synthetic_schedule(train, MAX_ITER, STEPS)
