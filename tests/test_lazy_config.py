@@ -149,3 +149,43 @@ def test_nothing_imports_detectron2_export():
     )
     proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=REPO), capture_output=True)
     assert proc.returncode == 0 and b"ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_lazy_gradient_clipping_is_detectron2s_and_its_keys_are_checked():
+    from omegaconf import OmegaConf
+
+    from prroi_d2.engine.lazy_train import _with_gradient_clipping
+
+    cfg = load_config(os.path.join(REPO, "configs", "lazy", "iounet_synthetic_R18.py"), [])
+    assert dict(cfg.train.clip_gradients) == {"enabled": True, "clip_type": "norm", "clip_value": 1.0}  # as the YAML
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = _with_gradient_clipping(torch.optim.SGD([weight], lr=0.5), cfg.train.clip_gradients)
+    weight.grad = torch.tensor([6.0, 8.0, 0.0])  # norm 10, clipped to 1
+    optimizer.step()
+    assert torch.allclose(weight.detach(), torch.tensor([-0.3, -0.4, 0.0]))
+    for bad, message in (({"clip_vale": 1.0}, "train.clip_gradients.clip_vale: unknown key"),
+                         ({"clip_type": "l2"}, "clip_type must be 'value' or 'norm', got 'l2'")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            _with_gradient_clipping(torch.optim.SGD([weight], lr=0.5), OmegaConf.create(bad))
+
+
+def test_lazy_training_names_an_image_that_does_not_decode(tmp_path):
+    from coco_files import write_coco_set
+
+    json_file, image_root = write_coco_set(str(tmp_path / "broken"), num_images=2, size=(64, 48))
+    path = os.path.join(image_root, "1.png")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    config = os.path.join(REPO, "configs", "lazy", "iounet_synthetic_R18.py")
+    overrides = ["dataloader.train.dataset.names=broken", "dataloader.test.dataset.names=broken",
+                 f"train.output_dir={tmp_path / 'out'}", "train.max_iter=4", "dataloader.train.total_batch_size=2",
+                 "dataloader.train.num_workers=1", "model.roi_heads.num_classes=3"]  # fmt: skip
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config,
+           "--register", "broken", json_file, image_root, *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Cannot decode image {path} of dataset 'broken': OSError: image file is truncated"), last

@@ -30,7 +30,12 @@ from detectron2.utils import comm  # noqa: E402
 from prroi_d2 import add_iounet_config  # noqa: E402
 from prroi_d2.config_checks import check_iounet_config  # noqa: E402
 from prroi_d2.data.augmentation import AerialDatasetMapper, add_aerial_augment_config  # noqa: E402
-from prroi_d2.data.named_decode import ImageDecodeError, NamedDecodeErrors, decode_error_message  # noqa: E402
+from prroi_d2.data.named_decode import (  # noqa: E402
+    EndRunOnDecodeError,
+    ImageDecodeError,
+    NamedDecodeErrors,
+    decode_error_message,
+)
 from prroi_d2.data.preflight import CHECK_IMAGES, INVALID_BOXES, DatasetCheckError, run_preflight  # noqa: E402
 from prroi_d2.engine import IoULearningMonitor, launch  # noqa: E402
 from prroi_d2.engine.checkpoint import (  # noqa: E402
@@ -43,7 +48,7 @@ from prroi_d2.engine.checkpoint import (  # noqa: E402
 from prroi_d2.engine.steps import build_evaluator, build_writers, prepare_datasets, report, setup_run  # noqa: E402
 
 
-class Trainer(DefaultTrainer):
+class Trainer(EndRunOnDecodeError, DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` evaluating with :class:`~prroi_d2.evaluation.IoUNetEvaluator` (every
     IoU-Net stage) and, for Mask R-CNN configs, COCO mask AP too."""
 
@@ -72,15 +77,7 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        check_frozen_weights_loaded(self.checkpointer, self.cfg)
-
-    def run_step(self):
-        """Detectron2's step; an image that does not decode ends the run with the one line naming it and its
-        dataset (SystemExit: Detectron2's trainer would log the data-loader worker's traceback for an Exception)."""
-        try:
-            super().run_step()
-        except ImageDecodeError as e:
-            raise SystemExit(decode_error_message(e)) from None
+        check_frozen_weights_loaded(self.checkpointer, self.cfg.MODEL.IOU_NET.TRAIN_ONLY_IOU_HEAD)
 
     @classmethod
     def build_train_loader(cls, cfg):

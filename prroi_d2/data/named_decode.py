@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
-__all__ = ["ImageDecodeError", "NamedDecodeErrors", "decode_error_message"]
+__all__ = ["EndRunOnDecodeError", "ImageDecodeError", "NamedDecodeErrors", "decode_error_message"]
 
 # What PIL and numpy raise for broken image data (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, zlib.error, Image.DecompressionBombError)
@@ -65,3 +65,15 @@ def decode_error_message(error: BaseException) -> Optional[str]:
         if marker in line:
             return line.split(marker, 1)[1]
     return lines[-1] if lines else ImageDecodeError.__name__
+
+
+class EndRunOnDecodeError:
+    """Trainer mixin (before Detectron2's trainer class in the bases): an image that does not decode ends the run
+    with the one line naming it and its dataset, as SystemExit (for an Exception, Detectron2's trainer would log the
+    data-loader worker's whole traceback)."""
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except ImageDecodeError as e:
+            raise SystemExit(decode_error_message(e)) from None

@@ -5,7 +5,7 @@
   naming the file and what it is when one cannot be read, and, on ``resume``, skipping a latest checkpoint that
   cannot be read for the one before it (with a warning).
 * :func:`load_weights_for_eval`: ``--eval-only`` loading that refuses to evaluate random or partial weights.
-* :func:`check_frozen_weights_loaded`: with ``MODEL.IOU_NET.TRAIN_ONLY_IOU_HEAD``, every frozen key must be loaded.
+* :func:`check_frozen_weights_loaded`: when only the IoU head trains, every frozen key must be loaded.
 """
 
 import logging
@@ -204,11 +204,17 @@ def load_weights_for_eval(model, cfg, *, resume: bool, allow_partial: bool = Fal
     return checkpointer.loaded_path
 
 
-def check_frozen_weights_loaded(checkpointer: SafeCheckpointer, cfg) -> None:
-    """With ``MODEL.IOU_NET.TRAIN_ONLY_IOU_HEAD``, raise :class:`WeightsError` if any frozen key of the model
-    (everything but the IoU head: the parameters without ``requires_grad`` and the buffers) was not loaded: it
-    would stay random for the whole run. Without it, Detectron2's warnings for partial weights stand."""
-    if "IOU_NET" not in cfg.MODEL or not cfg.MODEL.IOU_NET.TRAIN_ONLY_IOU_HEAD:
+def check_frozen_weights_loaded(
+    checkpointer: SafeCheckpointer,
+    train_only_iou_head: bool,
+    flag_key: str = "MODEL.IOU_NET.TRAIN_ONLY_IOU_HEAD",
+    weights_key: str = "MODEL.WEIGHTS",
+) -> None:
+    """With ``train_only_iou_head``, raise :class:`WeightsError` if any frozen key of the model (everything but the
+    IoU head: the parameters without ``requires_grad`` and the buffers) was not loaded: it would stay random for the
+    whole run. Without it, Detectron2's warnings for partial weights stand. The keys name the config's settings in
+    the messages (a LazyConfig's: ``model.train_only_iou_head``, ``train.init_checkpoint``)."""
+    if not train_only_iou_head:
         return
     model = checkpointer.model
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -217,13 +223,12 @@ def check_frozen_weights_loaded(checkpointer: SafeCheckpointer, cfg) -> None:
     frozen_skipped = [s for s in skipped if s.split(" ", 1)[0] not in trainable]
     if checkpointer.incompatible is None:
         raise WeightsError(
-            "MODEL.IOU_NET.TRAIN_ONLY_IOU_HEAD trains the IoU head on a trained detector, but no weights were "
-            "loaded (MODEL.WEIGHTS is empty): the frozen detector would stay random. Pass MODEL.WEIGHTS "
-            "your_detector.pth."
+            f"{flag_key} trains the IoU head on a trained detector, but no weights were loaded ({weights_key} is "
+            f"empty): the frozen detector would stay random. Set {weights_key} to your detector's checkpoint."
         )
     if frozen_missing or frozen_skipped:
         raise WeightsError(
-            f"MODEL.IOU_NET.TRAIN_ONLY_IOU_HEAD: {len(frozen_missing)} frozen keys (outside the IoU head) are "
+            f"{flag_key}: {len(frozen_missing)} frozen keys (outside the IoU head) are "
             f"missing from {checkpointer.loaded_path} (first: {_examples(frozen_missing) or '-'}) and "
             f"{len(frozen_skipped)} were skipped for a shape mismatch (first: {_examples(frozen_skipped) or '-'}); "
             "they would stay random for the whole run. Load a checkpoint of the same detector."

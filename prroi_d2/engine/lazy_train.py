@@ -5,7 +5,10 @@ with ``train.amp.enabled``) with Detectron2's hooks. Dataset registration, the e
 and the report are the YAML path's (:mod:`prroi_d2.engine.steps`).
 
 Config keys read: ``model``, ``optimizer``, ``lr_multiplier``, ``dataloader.{train,test,evaluator}``, ``train.{
-output_dir, init_checkpoint, max_iter, amp.enabled, ddp, checkpointer, eval_period, log_period, device, seed}``.
+output_dir, init_checkpoint, max_iter, amp.enabled, ddp, checkpointer, eval_period, log_period, device, seed}``, and
+two of this project: ``train.clip_gradients`` (optional; ``enabled``, ``clip_type``, ``clip_value``, ``norm_type`` as
+the YAML configs' ``SOLVER.CLIP_GRADIENTS``) and ``model.train_only_iou_head`` (then every frozen key must load from
+``train.init_checkpoint``). The loaders' mappers name an image that fails to decode, as on the YAML path.
 """
 
 import inspect
@@ -14,15 +17,18 @@ from typing import List
 
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
+from prroi_d2.data.named_decode import EndRunOnDecodeError, NamedDecodeErrors
 from prroi_d2.data.preflight import run_preflight
-from prroi_d2.engine.checkpoint import load_weights_for_eval
+from prroi_d2.engine.checkpoint import check_frozen_weights_loaded, load_weights_for_eval
 from prroi_d2.engine.iou_learning_monitor import IoULearningMonitor
 from prroi_d2.engine.steps import build_checkpointer, build_writers, prepare_datasets, report, setup_run
 
@@ -90,10 +96,10 @@ def do_train(args, cfg: DictConfig):
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
+    optimizer = _with_gradient_clipping(instantiate(cfg.optimizer), cfg.train.get("clip_gradients"))
     train_loader = instantiate(cfg.dataloader.train)
     model = defaults.create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    trainer = (_AMPTrainer if cfg.train.amp.enabled else _SimpleTrainer)(model, train_loader, optimizer)
     checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer)
     results = {}
 
@@ -115,9 +121,51 @@ def do_train(args, cfg: DictConfig):
         ]
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    check_frozen_weights_loaded(
+        checkpointer,
+        bool(OmegaConf.select(cfg, "model.train_only_iou_head", default=False)),
+        flag_key="model.train_only_iou_head",
+        weights_key="train.init_checkpoint",
+    )
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
     return results
+
+
+class _SimpleTrainer(EndRunOnDecodeError, SimpleTrainer):
+    pass
+
+
+class _AMPTrainer(EndRunOnDecodeError, AMPTrainer):
+    pass
+
+
+def _with_gradient_clipping(optimizer, clip):
+    """``optimizer`` clipping gradients as Detectron2 does for ``SOLVER.CLIP_GRADIENTS``, when ``clip`` (the
+    LazyConfig's ``train.clip_gradients``) is given and enabled."""
+    if not clip or not clip.get("enabled", True):
+        return optimizer
+    settings = {"ENABLED": True, "CLIP_TYPE": "value", "CLIP_VALUE": 1.0, "NORM_TYPE": 2.0}
+    for key, value in clip.items():
+        if key.upper() not in settings:
+            raise SystemExit(
+                f"train.clip_gradients.{key}: unknown key (known: enabled, clip_type, clip_value, norm_type)"
+            )
+        settings[key.upper()] = value
+    if settings["CLIP_TYPE"] not in ("value", "norm"):
+        raise SystemExit(f"train.clip_gradients.clip_type must be 'value' or 'norm', got {settings['CLIP_TYPE']!r}")
+    return maybe_add_gradient_clipping(CN({"SOLVER": {"CLIP_GRADIENTS": settings}}), optimizer)
+
+
+def _name_decode_errors(loaders: List) -> None:
+    """Wrap each ``(loader config, dataset names)``'s ``mapper`` so that an image failing to decode is named with
+    its dataset. The mappers' interpolations (``${...train.mapper.image_format}``) are resolved first: wrapping
+    moves the nodes they are relative to."""
+    loaders = [(loader, names) for loader, names in loaders if "mapper" in loader]
+    for loader, _ in loaders:
+        OmegaConf.resolve(loader.mapper)
+    for loader, names in loaders:
+        loader.mapper = L(NamedDecodeErrors)(mapper=loader.mapper, dataset_names=list(names))
 
 
 def _monitor_start(cfg: DictConfig) -> int:
@@ -151,6 +199,10 @@ def main(args):
     setup_run(cfg, args)
     test_names = _dataset_names(cfg.dataloader.test)
     train_names = [] if args.eval_only else _dataset_names(cfg.dataloader.train)
+    loaders = [(cfg.dataloader.test, test_names)]
+    if train_names:
+        loaders.append((cfg.dataloader.train, train_names))
+    _name_decode_errors(loaders)
     prepare_datasets(
         test_names + train_names, getattr(args, "register", None), getattr(args, "register_replace", False)
     )
