@@ -78,7 +78,6 @@ def synthetic_schedule(train, max_iter, steps):
 
 train = model_zoo.get_config("common/train.py").train
 train.update(eval_period=0, device="cuda", seed=0)
-train.clip_gradients = dict(
-    enabled=True, clip_type="norm", clip_value=1.0
-)  # as the YAML config's SOLVER.CLIP_GRADIENTS
+# Each parameter's gradient norm clipped at 1, as the YAML config's SOLVER.CLIP_GRADIENTS (prroi_d2.engine.lazy_train).
+train.clip_gradients = dict(enabled=True, clip_type="norm", clip_value=1.0)
 lr_multiplier = synthetic_schedule(train, MAX_ITER, STEPS)
