@@ -1,7 +1,8 @@
 """Datasets for IoU-Net jobs (the Detectron2 glue layer; Detectron2 is imported only when a dataset is registered).
 
-``prroi_d2.data.synthetic`` renders the embedded synthetic COCO-format shapes dataset and registers it with
-Detectron2 (:func:`register_synthetic_datasets`); ``prroi_d2.data.neon_trees`` fetches and converts the NEON tree-crown
+``prroi_d2.data.synthetic`` writes the embedded synthetic COCO-format shapes dataset (rendered by
+``synthetic_render`` from the outlines of ``synthetic_shapes``) and registers it with Detectron2
+(:func:`register_synthetic_datasets`); ``prroi_d2.data.neon_trees`` fetches and converts the NEON tree-crown
 imagery (:func:`register_neon_trees_datasets`). ``prroi_d2.data.augmentation`` (imports Detectron2; not re-exported
 here) holds the aerial augmentations and their dataset mapper.
 """
