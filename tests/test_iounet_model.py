@@ -268,16 +268,16 @@ def test_cuda_graph_refinement_equals_eager_refinement():
 
 
 def test_top_per_image_single_image_path_equals_general_path():
-    from prroi_d2.modeling.detections import top_per_image as _top_per_image
+    from prroi_d2.modeling.detections import top_per_image
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (40,), generator=g).float()  # many ties: their input order must be kept
     index = torch.randperm(40, generator=g)
     images = torch.zeros(40, dtype=torch.int64)
     for k in (-1, 0, 3, 39, 100):
-        general = _top_per_image(index, scores, images, k)
-        assert torch.equal(_top_per_image(index, scores, images, k, num_images=1), general)
-    assert torch.equal(_top_per_image(index, scores, images, 3), index[torch.sort(-scores, stable=True).indices[:3]])
+        general = top_per_image(index, scores, images, k)
+        assert torch.equal(top_per_image(index, scores, images, k, num_images=1), general)
+    assert torch.equal(top_per_image(index, scores, images, 3), index[torch.sort(-scores, stable=True).indices[:3]])
 
 
 def test_prroi_pooler_rois_equal_detectron2_pooler_format():

@@ -15,9 +15,8 @@ events after warm-up (the candidates of a section alternate iteration by iterati
           box head.
 * stages: each IoU-Net stage timed on its own, on inputs captured from one forward of the same workload: the ROI
           heads' select_candidates, IoUBranch.predict_ious (pool + IoU head), iou_guided_nms, top_per_image,
-          IoUBranch.refine (T=5), and for
-          comparison Detectron2's batched_nms and fast_rcnn_inference, the box head on both poolers, and both ROI
-          heads whole.
+          IoUBranch.refine (T=5), and for comparison Detectron2's batched_nms and fast_rcnn_inference, the box head
+          on both poolers, and both ROI heads whole.
 * pool:   Detectron2's ROIPooler, PrRoIPoolV2 vs ROIAlignV2, 7x7, P2-P5 of an 800x1216 image (256 channels),
           1000 boxes per image, batch 1 and 2, forward and forward + backward (features requiring grad), float32
           and under AMP (autocast float16, half features); plus, under AMP, the op called directly on the half

@@ -38,9 +38,7 @@ def run_job(name: str, config: str, seed: int, overrides: List[str], out: str, e
     if eval_only:  # into <run>/eval_<tag> when tagged, so the training's own results stay
         weights, out = os.path.join(out, "model_final.pth"), results_dir(out, eval_only, tag)
         command += ["--eval-only", "MODEL.WEIGHTS", weights]
-    elif os.path.exists(os.path.join(out, "model_final.pth")) and glob.glob(
-        os.path.join(out, "inference", "**", STAGES_FILE), recursive=True
-    ):
+    elif os.path.exists(os.path.join(out, "model_final.pth")) and has_results(out):
         print(f"{name} seed {seed}: already trained and evaluated ({out})", flush=True)
         return {"seconds": None, "returncode": 0, "log": None}
     elif os.path.exists(os.path.join(out, "last_checkpoint")):
@@ -59,6 +57,11 @@ def run_job(name: str, config: str, seed: int, overrides: List[str], out: str, e
 def results_dir(run: str, eval_only: bool, tag: str) -> str:
     """Where a run's evaluation writes: the run's folder, or ``<run>/eval_<tag>`` for a tagged ``--eval-only``."""
     return os.path.join(run, f"eval_{tag}") if eval_only and tag else run
+
+
+def has_results(run: str) -> bool:
+    """Whether the run's evaluation wrote its stages (of one dataset or several)."""
+    return bool(glob.glob(os.path.join(run, "inference", "**", STAGES_FILE), recursive=True))
 
 
 def stage_results(out: str, dataset: str) -> Dict:
