@@ -190,6 +190,12 @@ def test_training_on_tree_tiles_loss_falls(data_dir, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "metrics.json", encoding="utf-8") as f:
-        losses = [r["total_loss"] for r in map(json.loads, f) if "total_loss" in r]
-    # Detectron2 writes the median of the last 20 iterations at iterations 19 and 39: two disjoint windows.
-    assert len(losses) == 2 and losses[1] < 0.8 * losses[0], losses
+        records = [r for r in map(json.loads, f) if "total_loss" in r]
+    # Detectron2 writes the median of the last 20 iterations at iterations 19 and 39: two disjoint windows. The
+    # IoU branch's binary cross-entropy (LOSS_TYPE bce, weight 5) cannot fall below 5 x the entropy of its soft
+    # targets (on the GPU loss_iou was still 3.2 after 560 iterations), so the detector's losses and the IoU loss are
+    # checked apart.
+    detector = [r["total_loss"] - r["loss_iou"] for r in records]
+    iou = [r["loss_iou"] for r in records]
+    assert len(records) == 2 and detector[1] < 0.8 * detector[0], detector
+    assert iou[1] < iou[0], iou

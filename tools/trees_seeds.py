@@ -5,6 +5,9 @@ the validation image (docs/trees.md's table).
     python tools/trees_seeds.py --seeds 0 1 2 --output output/trees_seeds            # one GPU, runs side by side
     python tools/trees_seeds.py --seeds 0 1 2 --time-limit 240 -- SOLVER.WEIGHT_DECAY 0.0005   # config overrides
 
+Runs cut by ``--time-limit`` resume from their last checkpoint when the same command is repeated (the evaluations
+on the strip already made are kept); finished runs are not trained again.
+
 Each run trains on ``neon_trees_train_fit`` (the training image without its bottom strip) and evaluates every
 ``--eval-period`` iterations on ``neon_trees_train_holdout`` (the strip). The iteration whose mean refined AP on the
 strip over the seeds is highest is chosen; only then is each seed's checkpoint of that iteration evaluated on
@@ -26,16 +29,24 @@ STAGES = ("baseline", "iou_nms", "refined")
 METRICS = ("AP", "AP50", "AP75", "AP90")
 
 
-def _run_all(commands, logs, time_limit):
-    """Start every command at once; SIGINT those still running at ``time_limit`` seconds. Returns exit codes."""
-    procs = [subprocess.Popen(c, stdout=open(log, "w"), stderr=subprocess.STDOUT) for c, log in zip(commands, logs)]
+def _run_all(commands, logs, time_limit, grace=30.0):
+    """Start every command at once; SIGINT those still running at ``time_limit`` seconds, SIGKILL those still
+    running ``grace`` seconds later. Returns exit codes."""
+    procs = [subprocess.Popen(c, stdout=open(log, "a"), stderr=subprocess.STDOUT) for c, log in zip(commands, logs)]
     deadline = time.monotonic() + time_limit
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(1.0)
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
-    return [p.wait() for p in procs]
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.0, deadline + grace - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes
 
 
 def _holdout_curve(run_dir):
@@ -116,7 +127,9 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", default="output/trees_seeds")
     parser.add_argument("--eval-period", type=int, default=200)
-    parser.add_argument("--time-limit", type=float, default=420.0, help="seconds of training before SIGINT")
+    parser.add_argument("--time-limit", type=float, default=480.0, help="seconds of training before SIGINT")
+    parser.add_argument("--eval-time-limit", type=float, default=600.0, help="seconds for the validation runs")
+    parser.add_argument("--train-only", action="store_true", help="stop after training (repeat to continue)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, after --")
     args = parser.parse_args()
     opts = [o for o in args.opts if o != "--"]
@@ -130,15 +143,20 @@ def main():
 
     start = time.monotonic()
     runs = [os.path.join(args.output, f"seed{s}") for s in args.seeds]
+    # --resume: a run cut by the time limit continues from its last checkpoint when the command is repeated; a
+    # finished run (model_final.pth) is not trained again.
+    unfinished = [(s, d) for s, d in zip(args.seeds, runs) if not os.path.exists(os.path.join(d, "model_final.pth"))]
     train = [
         train_net
-        + ["SEED", str(s), "OUTPUT_DIR", d, "DATASETS.TRAIN", '("neon_trees_train_fit",)']
+        + ["--resume", "SEED", str(s), "OUTPUT_DIR", d, "DATASETS.TRAIN", '("neon_trees_train_fit",)']
         + ["DATASETS.TEST", '("neon_trees_train_holdout",)', "TEST.EVAL_PERIOD", str(args.eval_period)]
         + ["SOLVER.CHECKPOINT_PERIOD", str(args.eval_period)]
         + opts
-        for s, d in zip(args.seeds, runs)
+        for s, d in unfinished
     ]
-    codes = _run_all(train, [d + ".train.log" for d in runs], args.time_limit)
+    codes = _run_all(train, [d + ".train.log" for _, d in unfinished], args.time_limit)
+    if args.train_only:
+        return
     train_s = time.monotonic() - start
     curves = [_holdout_curve(d) for d in runs]
     # A run that diverged (Detectron2 stops it with FloatingPointError) is reported, and left out of the choice.
@@ -157,7 +175,7 @@ def main():
         + opts
         for d in runs
     ]
-    eval_codes = _run_all(evals, [d + ".val.log" for d in runs], 600)
+    eval_codes = _run_all(evals, [d + ".val.log" for d in runs], args.eval_time_limit)
     per_seed = []
     for s, d in zip(seeds, runs):
         path = os.path.join(d, "val", "inference", "iounet_stages.json")

@@ -1,9 +1,9 @@
 """Augmentations for aerial (top-down) imagery with Detectron2's ``T.Augmentation`` API, and their dataset mapper.
 
 ``INPUT.AERIAL_AUGMENT`` (added by :func:`add_aerial_augment_config`) describes, in order: a random crop of
-``CROP_SIZE`` px, a rescale of the crop by a factor drawn uniformly in ``SCALE_RANGE`` (imagery has no canonical
-size: small crowns are upsampled), flips both ways, a random multiple of 90 degrees (a view from above has no "up"),
-and colour jitter (brightness, contrast, saturation, each a factor in ``[1 - COLOR, 1 + COLOR]``). Testing rescales
+``CROP_SIZE`` px, colour jitter (brightness, contrast, saturation, each a factor in ``[1 - COLOR, 1 + COLOR]``), a
+rescale of the crop by a factor drawn uniformly in ``SCALE_RANGE`` (imagery has no canonical size: small crowns are
+upsampled), flips both ways and a random multiple of 90 degrees (a view from above has no "up"). Testing rescales
 whole images by ``TEST_SCALE``.
 
 A box cut by the crop edge follows the datasets' rule (``prroi_d2.data.neon_trees.clip_to_window``): clipped to the
@@ -107,14 +107,15 @@ def build_aerial_augmentation(cfg, is_train=True):
             "INPUT.AERIAL_AUGMENT needs CROP_SIZE > 0, 0 <= COLOR < 1, 0 <= MIN_VISIBLE <= 1; got "
             f"CROP_SIZE={aug.CROP_SIZE}, COLOR={aug.COLOR}, MIN_VISIBLE={aug.MIN_VISIBLE}"
         )
-    augs = [T.RandomCrop("absolute", (aug.CROP_SIZE, aug.CROP_SIZE)), RandomRelativeResize(lo, hi)]
+    augs = [T.RandomCrop("absolute", (aug.CROP_SIZE, aug.CROP_SIZE))]
+    if aug.COLOR > 0:  # on the crop before its rescale: the blends are per pixel, and 2x fewer pixels cost 4x less
+        lo_c, hi_c = 1.0 - aug.COLOR, 1.0 + aug.COLOR
+        augs += [T.RandomBrightness(lo_c, hi_c), T.RandomContrast(lo_c, hi_c), T.RandomSaturation(lo_c, hi_c)]
+    augs.append(RandomRelativeResize(lo, hi))
     if aug.FLIP:
         augs += [T.RandomFlip(0.5, horizontal=True, vertical=False), T.RandomFlip(0.5, horizontal=False, vertical=True)]
     if aug.ROT90:
         augs.append(RandomRot90())
-    if aug.COLOR > 0:
-        lo_c, hi_c = 1.0 - aug.COLOR, 1.0 + aug.COLOR
-        augs += [T.RandomBrightness(lo_c, hi_c), T.RandomContrast(lo_c, hi_c), T.RandomSaturation(lo_c, hi_c)]
     return augs
 
 
