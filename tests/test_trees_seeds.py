@@ -3,8 +3,8 @@ grace period, so a device call always ends; a resumed run's strip evaluations (m
 once per iteration."""
 
 import json
-import signal
 import os
+import signal
 import sys
 import time
 

@@ -108,7 +108,7 @@ def build_aerial_augmentation(cfg, is_train=True):
             f"CROP_SIZE={aug.CROP_SIZE}, COLOR={aug.COLOR}, MIN_VISIBLE={aug.MIN_VISIBLE}"
         )
     augs = [T.RandomCrop("absolute", (aug.CROP_SIZE, aug.CROP_SIZE))]
-    if aug.COLOR > 0:  # on the crop before its rescale: the blends are per pixel, and 2x fewer pixels cost 4x less
+    if aug.COLOR > 0:  # on the crop before its rescale (about 2x per side): the blends are per pixel, 4x fewer here
         lo_c, hi_c = 1.0 - aug.COLOR, 1.0 + aug.COLOR
         augs += [T.RandomBrightness(lo_c, hi_c), T.RandomContrast(lo_c, hi_c), T.RandomSaturation(lo_c, hi_c)]
     augs.append(RandomRelativeResize(lo, hi))
