@@ -121,6 +121,7 @@ def test_train_net_trains_and_evaluates_every_stage_from_a_lazy_config(tmp_path)
         "model.proposal_generator.post_nms_topk=[64,50]",
         "model.roi_heads.batch_size_per_image=32",
         "model.roi_heads.iou_branch.jitter.num_samples=16",
+        "model.roi_heads.box_predictors.2.test_topk_per_image=150",  # the evaluator's cap follows the last stage's
     ]
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     config = os.path.join(REPO, "configs", "lazy", "iounet_cascade_synthetic_R18.py")
@@ -131,6 +132,8 @@ def test_train_net_trains_and_evaluates_every_stage_from_a_lazy_config(tmp_path)
     with open(out / "inference" / "iounet_stages.json") as f:
         stages = json.load(f)
     assert {"baseline", "iou_nms", "refined"} <= set(stages)
+    with open(out / "inference" / "iounet_stages.md") as f:
+        assert "COCOeval maxDets 150 " in f.read()
     printed = proc.stdout + proc.stderr
     assert "| refined |" in printed
     with open(out / "metrics.json") as f:

@@ -24,7 +24,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prroi_d2.data.named_decode import EndRunOnDecodeError, NamedDecodeErrors
 from prroi_d2.data.preflight import run_preflight
@@ -79,11 +79,27 @@ def _accepts(node, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _detections_per_image(model):
+    """The model's cap on detections per image (``test_topk_per_image`` of its box predictor, the last one of a
+    cascade), or None."""
+    predictor = getattr(getattr(getattr(model, "module", model), "roi_heads", None), "box_predictor", None)
+    if isinstance(predictor, torch.nn.ModuleList):
+        predictor = predictor[-1]
+    return getattr(predictor, "test_topk_per_image", None)
+
+
 def do_test(cfg: DictConfig, model):
-    """Every IoU-Net stage (and mask AP, where configured) on ``dataloader.test`` with ``dataloader.evaluator``."""
+    """Every IoU-Net stage (and mask AP, where configured) on ``dataloader.test`` with ``dataloader.evaluator``.
+    An evaluator that takes ``max_dets_per_image`` and is not given one counts as many detections per image as the
+    model outputs (as the YAML path passes ``TEST.DETECTIONS_PER_IMAGE``)."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    evaluator = cfg.dataloader.evaluator
+    cap = _detections_per_image(model)
+    if cap and "max_dets_per_image" not in evaluator and _accepts(evaluator, "max_dets_per_image"):
+        with open_dict(evaluator):
+            evaluator.max_dets_per_image = int(cap)
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(evaluator))
     if comm.is_main_process():
         print_csv_format(results)
     return results
