@@ -32,7 +32,8 @@ METRICS = ("AP", "AP50", "AP75", "AP90")
 def _run_all(commands, logs, time_limit, grace=30.0):
     """Start every command at once; SIGINT those still running at ``time_limit`` seconds, SIGKILL those still
     running ``grace`` seconds later. Returns exit codes."""
-    procs = [subprocess.Popen(c, stdout=open(log, "a"), stderr=subprocess.STDOUT) for c, log in zip(commands, logs)]
+    files = [open(log, "a") for log in logs]
+    procs = [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT) for c, f in zip(commands, files)]
     deadline = time.monotonic() + time_limit
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(1.0)
@@ -46,6 +47,8 @@ def _run_all(commands, logs, time_limit, grace=30.0):
         except subprocess.TimeoutExpired:
             p.kill()
             codes.append(p.wait())
+    for f in files:
+        f.close()
     return codes
 
 

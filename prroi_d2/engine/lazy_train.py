@@ -82,7 +82,8 @@ def _accepts(node, name: str) -> bool:
 def _detections_per_image(model):
     """The model's cap on detections per image (``test_topk_per_image`` of its box predictor, the last one of a
     cascade), or None."""
-    predictor = getattr(getattr(getattr(model, "module", model), "roi_heads", None), "box_predictor", None)
+    model = getattr(model, "module", model)  # unwrapped from DistributedDataParallel
+    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
     if isinstance(predictor, torch.nn.ModuleList):
         predictor = predictor[-1]
     return getattr(predictor, "test_topk_per_image", None)
