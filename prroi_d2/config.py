@@ -38,6 +38,12 @@ def add_iounet_config(cfg: CN) -> CN:
     # "" or "LN": LayerNorm on each hidden FC layer before its ReLU (per box), which keeps the head from collapsing
     # to a constant when early updates kill every unit of a layer.
     iou.HEAD.NORM = ""
+    # 3x3 convolutions (ReLU) on the pooled features before the FC layers (Detectron2's "4conv1fc": NUM_CONV 4).
+    iou.HEAD.NUM_CONV = 0
+    iou.HEAD.CONV_DIM = 256
+    # "iou": regress IoU; "decoupled": regress the fraction of the box covered by the object and of the object
+    # covered by the box (each with LOSS_TYPE's loss), and combine them into IoU.
+    iou.HEAD.TARGET = "iou"
 
     # Training boxes of the IoU branch: jittered ground truth, sampled uniformly over IoU bins in [MIN_IOU, 1].
     iou.JITTER = CN()
@@ -66,6 +72,11 @@ def add_iounet_config(cfg: CN) -> CN:
     # images x detections per image): at most this many are kept, one per feature shape. 0: launch every kernel
     # from Python.
     iou.REFINE.CUDA_GRAPHS = 8
+    # Per-box acceptance (prroi_d2.modeling.refine_acceptance): a refined box is kept only when its predicted IoU
+    # rose by more than ACCEPT_MARGIN and its initial predicted IoU lies in ACCEPT_IOU_RANGE; other boxes keep their
+    # initial box. The defaults keep every refined box (the paper). The calibration chooses them on a held-out split.
+    iou.REFINE.ACCEPT_MARGIN = 0.0
+    iou.REFINE.ACCEPT_IOU_RANGE = [0.0, 1.0]
 
     # On CUDA the IoU branch's matrix multiplications (IoU head forward, and its backward in refinement) use TF32
     # tensor cores (Ampere and newer), as PyTorch runs cuDNN convolutions by default: IoU prediction and refinement
@@ -75,4 +86,15 @@ def add_iounet_config(cfg: CN) -> CN:
     # Final score of a detection: "cls" (classification score; the cluster max after IoU-guided NMS), "iou"
     # (predicted IoU) or "cls_x_iou".
     iou.SCORE = "cls"
+
+    # Calibration of refinement on a held-out split (prroi_d2.engine.calibration, tools/calibrate_refinement.py):
+    # with DATASET set, training ends by choosing NMS.ENABLED, REFINE.ENABLED, STEP, MAX_ITER, ACCEPT_MARGIN and
+    # ACCEPT_IOU_RANGE on it (refinement off when no setting helps), before the final evaluation, and writes the
+    # choice into OUTPUT_DIR/config.yaml. The grid: every STEPS x MAX_ITERS, then every MARGINS x IOU_RANGES.
+    iou.CALIBRATION = CN()
+    iou.CALIBRATION.DATASET = ""
+    iou.CALIBRATION.STEPS = [0.5, 1.0, 2.0]
+    iou.CALIBRATION.MAX_ITERS = [5, 10]
+    iou.CALIBRATION.MARGINS = [0.0, 0.01, 0.03]
+    iou.CALIBRATION.IOU_RANGES = [[0.0, 1.0], [0.0, 0.9], [0.5, 1.0], [0.5, 0.9]]
     return cfg

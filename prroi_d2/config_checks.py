@@ -41,6 +41,20 @@ def _str_list():
     ), "a list of distinct feature names (empty: MODEL.ROI_HEADS.IN_FEATURES)"
 
 
+def _unit_range():
+    return (
+        lambda v: (
+            isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_float(x) for x in v) and 0 <= v[0] <= v[1] <= 1
+        )
+    ), "a pair [low, high] with 0 <= low <= high <= 1"
+
+
+def _list_of(test: Callable, text: str):
+    return (
+        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(test(x) for x in v)
+    ), f"a non-empty list of {text}"
+
+
 def _nonempty_str():
     return (lambda v: isinstance(v, str) and bool(v)), "a non-empty string"
 
@@ -61,6 +75,9 @@ RULES: Dict[str, Tuple[Callable, str]] = {
     "HEAD.LOSS_WEIGHT": _float(lambda v: v >= 0, ">= 0"),
     "HEAD.PRED_INIT_STD": _float(lambda v: v >= 0, ">= 0"),
     "HEAD.NORM": _choice(("", "LN")),
+    "HEAD.NUM_CONV": _int(0),
+    "HEAD.CONV_DIM": _int(1),
+    "HEAD.TARGET": _choice(("iou", "decoupled")),
     "JITTER.NUM_PER_IMAGE": _int(1),
     "JITTER.NUM_BINS": _int(1),
     "JITTER.MIN_IOU": _float(lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -77,6 +94,13 @@ RULES: Dict[str, Tuple[Callable, str]] = {
     "REFINE.STOP_DELTA": _float(lambda v: v >= 0, ">= 0 (a change of predicted IoU)"),
     "REFINE.STOP_DROP": _float(lambda v: v <= 0, "<= 0 (a drop of predicted IoU)"),
     "REFINE.CUDA_GRAPHS": _int(0),
+    "REFINE.ACCEPT_MARGIN": _float(lambda v: v >= 0, ">= 0 (a gain of predicted IoU)"),
+    "REFINE.ACCEPT_IOU_RANGE": _unit_range(),
+    "CALIBRATION.DATASET": ((lambda v: isinstance(v, str)), "a dataset name (empty: no calibration)"),
+    "CALIBRATION.STEPS": _list_of(lambda v: _is_float(v) and v > 0, "numbers > 0"),
+    "CALIBRATION.MAX_ITERS": _list_of(lambda v: _is_int(v) and v >= 1, "integers >= 1"),
+    "CALIBRATION.MARGINS": _list_of(lambda v: _is_float(v) and v >= 0, "numbers >= 0"),
+    "CALIBRATION.IOU_RANGES": _list_of(lambda v: _unit_range()[0](v), "pairs [low, high], 0 <= low <= high <= 1"),
     "TF32": _bool(),
     "SCORE": _choice(("cls", "iou", "cls_x_iou")),
 }

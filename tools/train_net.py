@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser  # noqa: E402
+from detectron2.engine.hooks import EvalHook  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from prroi_d2 import add_iounet_config  # noqa: E402
@@ -38,6 +39,7 @@ from prroi_d2.data.named_decode import (  # noqa: E402
 )
 from prroi_d2.data.preflight import CHECK_IMAGES, INVALID_BOXES, DatasetCheckError, run_preflight  # noqa: E402
 from prroi_d2.engine import IoULearningMonitor, launch  # noqa: E402
+from prroi_d2.engine.calibration import CalibrateAfterTraining  # noqa: E402
 from prroi_d2.engine.checkpoint import (  # noqa: E402
     CheckpointReadError,
     SafeCheckpointer,
@@ -73,6 +75,11 @@ class Trainer(EndRunOnDecodeError, DefaultTrainer):
         hooks = super().build_hooks()
         start = max(3 * self.cfg.SOLVER.WARMUP_ITERS, 300)
         hooks.insert(len(hooks) - 1, IoULearningMonitor(start_iter=start))
+        if self.cfg.MODEL.IOU_NET.CALIBRATION.DATASET:  # before the final evaluation, which then uses the choice
+            evals = [i for i, h in enumerate(hooks) if isinstance(h, EvalHook)]
+            hooks.insert(
+                evals[0] if evals else len(hooks) - 1, CalibrateAfterTraining(self.cfg, self.build_test_loader)
+            )
         return hooks
 
     def resume_or_load(self, resume=True):
@@ -159,7 +166,8 @@ def run(args):
     return results
 
 
-def invoke_main() -> None:
+def build_argument_parser():
+    """Detectron2's arguments plus the dataset, pre-flight and weights options."""
     parser = default_argument_parser()
     parser.add_argument(
         "--register",
@@ -188,7 +196,11 @@ def invoke_main() -> None:
         action="store_true",
         help="--eval-only: evaluate even if some model keys are missing from the checkpoint or skipped",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def invoke_main() -> None:
+    args = build_argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,

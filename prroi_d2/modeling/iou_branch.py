@@ -24,8 +24,9 @@ from prroi_d2.modeling.box_jitter import sample_jittered_boxes
 from prroi_d2.modeling.cuda_graphs import CUDAGraphCache
 from prroi_d2.modeling.detections import select_candidates, sizes_of, to_instances, top_per_image
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms
-from prroi_d2.modeling.iou_head import build_iou_head
+from prroi_d2.modeling.iou_head import build_iou_head, coverage_factors
 from prroi_d2.modeling.poolers import pool_levels, pool_rois
+from prroi_d2.modeling.refine_acceptance import accept_refinement
 from prroi_d2.modeling.refinement import refine_boxes
 
 __all__ = ["DEFAULT_JITTER", "IoUBranch", "STAGES"]
@@ -73,6 +74,8 @@ class IoUBranch(nn.Module):
         refine_stop_delta: float = 0.001,
         refine_stop_drop: float = -0.01,
         refine_cuda_graphs: int = 8,
+        refine_accept_margin: float = 0.0,
+        refine_accept_iou_range: Sequence[float] = (0.0, 1.0),
         tf32: bool = True,
         score_mode: str = "cls",
     ):
@@ -108,6 +111,8 @@ class IoUBranch(nn.Module):
         self.refine_stop_delta = refine_stop_delta
         self.refine_stop_drop = refine_stop_drop
         self.refine_graphs = CUDAGraphCache(refine_cuda_graphs)
+        self.refine_accept_margin = float(refine_accept_margin)
+        self.refine_accept_iou_range = tuple(float(v) for v in refine_accept_iou_range)
         self.tf32 = tf32
         self.score_mode = score_mode
 
@@ -153,6 +158,8 @@ class IoUBranch(nn.Module):
             "refine_stop_delta": iou.REFINE.STOP_DELTA,
             "refine_stop_drop": iou.REFINE.STOP_DROP,
             "refine_cuda_graphs": iou.REFINE.CUDA_GRAPHS,
+            "refine_accept_margin": iou.REFINE.ACCEPT_MARGIN,
+            "refine_accept_iou_range": tuple(iou.REFINE.ACCEPT_IOU_RANGE),
             "tf32": iou.TF32,
             "score_mode": iou.SCORE,
         }
@@ -172,24 +179,28 @@ class IoUBranch(nn.Module):
         """``{"loss_iou"}`` on jittered ground truth of ``targets`` (and, with ``jitter["add_proposals"]``, the
         sampled ``proposals`` with IoU >= ``min_iou``)."""
         options = {k: v for k, v in self.jitter.items() if k != "add_proposals"}
-        rois, ious, classes = [], [], []
+        rois, ious, classes, objects = [], [], [], []
         for image, target in enumerate(targets):
             gt = target.gt_boxes.tensor
             boxes, iou, gt_index = sample_jittered_boxes(gt, target.image_size, **options)
-            parts = [(boxes, iou, target.gt_classes[gt_index])]
+            parts = [(boxes, iou, gt_index)]
             if self.jitter["add_proposals"] and len(gt) > 0:
                 boxes = proposals[image].proposal_boxes.tensor.detach()
                 iou, gt_index = pairwise_iou(Boxes(boxes), target.gt_boxes).max(dim=1)
                 keep = iou >= options["min_iou"]
-                parts.append((boxes[keep], iou[keep], target.gt_classes[gt_index[keep]]))
-            for boxes, iou, cls in parts:
+                parts.append((boxes[keep], iou[keep], gt_index[keep]))
+            for boxes, iou, index in parts:
                 rois.append(torch.cat([torch.full_like(boxes[:, :1], image), boxes], dim=1))
                 ious.append(iou)
-                classes.append(cls)
+                classes.append(target.gt_classes[index])
+                objects.append(gt[index])
         rois = cat(rois)
         pooled = pool_rois(self.pooler, [features[f] for f in self.in_features], rois)
         with tf32_matmuls(self.tf32 and pooled.is_cuda):
             raw = self.iou_head(pooled)
+        if getattr(self.iou_head, "target", "iou") == "decoupled":
+            factors = coverage_factors(rois[:, 1:], cat(objects))
+            return self.iou_head.losses(raw, cat(classes), cat(ious), factors)
         return self.iou_head.losses(raw, cat(classes), cat(ious))
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -258,6 +269,9 @@ class IoUBranch(nn.Module):
             capacity = num_images * topk if topk > 0 else 0
             kept = {name: cand[name][keep] for name in ("boxes", "classes", "images")}
             boxes, ious, initial = self.refine(features, kept, image_sizes, capacity)
+            boxes, ious = accept_refinement(
+                kept["boxes"], boxes, initial, ious, self.refine_accept_margin, self.refine_accept_iou_range
+            )
             refined = {"boxes": boxes, "ious": ious, "classes": kept["classes"], "images": kept["images"]}
             extra = {"pred_boxes_initial": Boxes(kept["boxes"]), "pred_ious_initial": initial}
             stages["refined"] = to_instances(refined, None, self.score(cls_scores, ious), image_sizes, extra)

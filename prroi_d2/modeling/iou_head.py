@@ -27,6 +27,28 @@ attribute ``cuda_graph_safe = True``: refinement then replays it from CUDA graph
 
 LOSS_TYPES = ("smooth_l1", "bce")
 NORMS = ("", "LN")
+# What the head regresses: "iou" (IoU itself), or "decoupled": the two factors of IoU, the fraction of the box covered
+# by its object (I / box area) and of the object covered by the box (I / object area), combined into IoU.
+TARGETS = ("iou", "decoupled")
+
+
+def iou_from_factors(box_covered: Tensor, object_covered: Tensor) -> Tensor:
+    """IoU from its two factors a = I / box area and b = I / object area (each (K,) in [0, 1]):
+    IoU = I / (B + G - I) = a b / (a + b - a b); 0 where both are 0."""
+    ab = box_covered * object_covered
+    return ab / (box_covered + object_covered - ab).clamp(min=1e-6)
+
+
+def coverage_factors(boxes: Tensor, objects: Tensor) -> Tensor:
+    """(K, 2): for boxes (K, 4) and their objects (K, 4), XYXY, the fraction of each box covered by its object and
+    of each object covered by its box."""
+    lt = torch.max(boxes[:, :2], objects[:, :2])
+    rb = torch.min(boxes[:, 2:], objects[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    box_area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
+    object_area = (objects[:, 2:] - objects[:, :2]).clamp(min=0).prod(dim=1)
+    tiny = torch.finfo(inter.dtype).tiny
+    return torch.stack([inter / box_area.clamp(min=tiny), inter / object_area.clamp(min=tiny)], dim=1).clamp(0, 1)
 
 
 @IOU_HEAD_REGISTRY.register()
@@ -59,23 +81,39 @@ class IoUHead(nn.Module):
         loss_weight: float = 5.0,
         pred_init_std: float = 0.01,
         norm: str = "",
+        num_conv: int = 0,
+        conv_dim: int = 256,
+        target: str = "iou",
     ):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"MODEL.IOU_NET.HEAD.LOSS_TYPE must be one of {LOSS_TYPES}, got {loss_type!r}")
         if norm not in NORMS:
             raise ValueError(f"MODEL.IOU_NET.HEAD.NORM must be one of {NORMS}, got {norm!r}")
-        if num_fc < 0 or fc_dim < 1 or num_classes < 1:
+        if target not in TARGETS:
+            raise ValueError(f"MODEL.IOU_NET.HEAD.TARGET must be one of {TARGETS}, got {target!r}")
+        if num_fc < 0 or fc_dim < 1 or num_classes < 1 or num_conv < 0 or conv_dim < 1:
             raise ValueError(
-                f"IoU head needs num_fc >= 0, fc_dim >= 1, num_classes >= 1; got {num_fc}, {fc_dim}, {num_classes}"
+                f"IoU head needs num_fc >= 0, fc_dim >= 1, num_conv >= 0, conv_dim >= 1, num_classes >= 1; got "
+                f"{num_fc}, {fc_dim}, {num_conv}, {conv_dim}, {num_classes}"
             )
         self.num_classes = num_classes
         self.class_agnostic = class_agnostic
         self.loss_type = loss_type
         self.smooth_l1_beta = smooth_l1_beta
         self.loss_weight = loss_weight
+        self.target = target
+        self.outputs_per_class = 2 if target == "decoupled" else 1
 
-        in_dim = input_shape.channels * (input_shape.height or 1) * (input_shape.width or 1)
+        channels = input_shape.channels
+        convs: List[nn.Module] = []
+        for _ in range(num_conv):  # 3x3 convolutions on the pooled S x S features (Detectron2's "4conv1fc" style)
+            conv = nn.Conv2d(channels, conv_dim, kernel_size=3, padding=1)
+            weight_init.c2_msra_fill(conv)
+            convs += [conv, nn.ReLU(inplace=True)]
+            channels = conv_dim
+        self.convs = nn.Sequential(*convs)
+        in_dim = channels * (input_shape.height or 1) * (input_shape.width or 1)
         layers: List[nn.Module] = []
         for _ in range(num_fc):
             fc = nn.Linear(in_dim, fc_dim)
@@ -83,7 +121,7 @@ class IoUHead(nn.Module):
             layers += [fc] + ([nn.LayerNorm(fc_dim)] if norm == "LN" else []) + [nn.ReLU(inplace=True)]
             in_dim = fc_dim
         self.fcs = nn.Sequential(*layers)
-        self.predictor = nn.Linear(in_dim, 1 if class_agnostic else num_classes)
+        self.predictor = nn.Linear(in_dim, self.outputs_per_class * (1 if class_agnostic else num_classes))
         nn.init.normal_(self.predictor.weight, std=pred_init_std)
         nn.init.constant_(self.predictor.bias, 0.0)
 
@@ -101,36 +139,61 @@ class IoUHead(nn.Module):
             "loss_weight": head.LOSS_WEIGHT,
             "pred_init_std": head.PRED_INIT_STD,
             "norm": head.NORM,
+            "num_conv": head.NUM_CONV,
+            "conv_dim": head.CONV_DIM,
+            "target": head.TARGET,
         }
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (K, C, S, S) pooled features -> raw outputs (K, num_classes), or (K, 1) when class-agnostic."""
-        return self.predictor(self.fcs(torch.flatten(x, start_dim=1)))
+        """x: (K, C, S, S) pooled features -> raw outputs (K, P * num_classes), or (K, P) when class-agnostic, where
+        P is 1 (IoU) or 2 (the decoupled factors, class-major: columns 2c, 2c + 1 are class c's)."""
+        return self.predictor(self.fcs(torch.flatten(self.convs(x), start_dim=1)))
 
     def select(self, raw: Tensor, classes: Tensor) -> Tensor:
-        """raw (K, num_classes or 1), classes (K,) int64 -> (K,) the output of each box's class."""
-        if self.class_agnostic:
-            return raw[:, 0]
-        return raw.gather(1, classes.view(-1, 1).to(torch.int64)).squeeze(1)
+        """raw (K, P * num_classes or P), classes (K,) int64 -> (K,) with P = 1, or (K, 2) with the decoupled
+        target: the outputs of each box's class."""
+        p = self.outputs_per_class
+        if not self.class_agnostic:
+            index = classes.view(-1, 1).to(torch.int64) * p + torch.arange(p, device=raw.device)
+            raw = raw.gather(1, index)
+        return raw[:, 0] if p == 1 else raw[:, :p]
+
+    def _to_unit(self, out: Tensor, clamp: bool) -> Tensor:
+        if self.loss_type == "bce":
+            return out.sigmoid()
+        value = (out + 1.0) * 0.5
+        return value.clamp(0.0, 1.0) if clamp else value
 
     def predict_ious(self, raw: Tensor, classes: Tensor, clamp: bool = True) -> Tensor:
         """(K,) predicted IoU of each box for its class, float32 whatever the head's dtype; in [0, 1] with ``clamp``
         (without, the smooth-L1 head's estimate may leave [0, 1] but keeps its gradient there: for refinement)."""
         out = self.select(raw, classes).float()
-        if self.loss_type == "bce":
-            return out.sigmoid()
-        iou = (out + 1.0) * 0.5
-        return iou.clamp(0.0, 1.0) if clamp else iou
+        if self.target == "decoupled":
+            factors = self._to_unit(out, clamp=True)
+            return iou_from_factors(factors[:, 0], factors[:, 1])
+        return self._to_unit(out, clamp)
 
-    def losses(self, raw: Tensor, classes: Tensor, target_ious: Tensor) -> Dict[str, Tensor]:
-        """``{"loss_iou": loss_weight * mean loss}`` of the outputs of each box's class against its true IoU (K,).
+    def losses(self, raw: Tensor, classes: Tensor, target_ious: Tensor, target_factors=None) -> Dict[str, Tensor]:
+        """``{"loss_iou": loss_weight * mean loss}`` of the outputs of each box's class against its true IoU (K,)
+        (with the decoupled target: against ``target_factors`` (K, 2), :func:`coverage_factors`).
         Inside a training loop it also puts ``iou_net/train_pearson`` and ``iou_net/loss_ratio`` into the event
         storage (:mod:`~prroi_d2.modeling.iou_training_signal`)."""
         if raw.numel() == 0:
             return {"loss_iou": raw.sum() * 0.0}
         out = self.select(raw, classes).float()
         target = target_ious.detach().float()
-        if self.loss_type == "bce":
+        if self.target == "decoupled":
+            if target_factors is None:
+                raise ValueError("IoU head with HEAD.TARGET decoupled needs target_factors (K, 2)")
+            factors = target_factors.detach().float()
+            if self.loss_type == "bce":
+                loss = F.binary_cross_entropy_with_logits(out, factors, reduction="mean")
+            else:
+                loss = F.smooth_l1_loss(out, 2.0 * factors - 1.0, beta=self.smooth_l1_beta, reduction="mean")
+            # The training signal is that of the combined IoU (a logit / 2 IoU - 1 of it, as a plain head's).
+            iou = iou_from_factors(*self._to_unit(out.detach(), clamp=True).unbind(1)).clamp(1e-4, 1 - 1e-4)
+            out = torch.logit(iou) if self.loss_type == "bce" else 2.0 * iou - 1.0
+        elif self.loss_type == "bce":
             loss = F.binary_cross_entropy_with_logits(out, target, reduction="mean")
         else:
             loss = F.smooth_l1_loss(out, 2.0 * target - 1.0, beta=self.smooth_l1_beta, reduction="mean")
