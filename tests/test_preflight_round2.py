@@ -344,3 +344,23 @@ def test_datasets_root_pointing_at_a_file_is_one_line(tmp_path, monkeypatch):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"PRROI_D2_DATASETS='{a_file}': {a_file} is a file")
+
+
+def test_an_unwritable_datasets_root_is_one_line(tmp_path):
+    """Generating the synthetic set where nothing can be written: the folder named, with the variable to set."""
+    from prroi_d2.data.synthetic import prepare_synthetic_split
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    root = str(locked / "datasets") if os.geteuid() != 0 else "/sys/prroi_d2_datasets"  # root writes all but sysfs
+    try:
+        os.makedirs(root)
+    except OSError:
+        pass
+    else:
+        os.rmdir(root)
+        pytest.skip(f"{root} is writable for this user")
+    with pytest.raises(DatasetCheckError) as info:
+        prepare_synthetic_split(root, "train", 2)
+    assert str(info.value).startswith(f"Cannot write the synthetic dataset under {root}: ")
+    assert str(info.value).endswith("(set PRROI_D2_DATASETS to a writable folder)")
