@@ -109,6 +109,22 @@ def test_categories_in_another_order_are_remapped_by_name(tmp_path, caplog):
     assert MetadataCatalog.get(test).thing_classes == MetadataCatalog.get(train).thing_classes
 
 
+def test_two_training_sets_in_another_order_train_as_one(tmp_path):
+    """Without a test set, the first training set's order is the reference; Detectron2's loader of both (which
+    refuses datasets of different thing_classes) then gives each box the class of its name."""
+    from detectron2.data import get_detection_dataset_dicts
+
+    first = _register(*_named_set(str(tmp_path / "a"), {"cat": 1, "dog": 2, "owl": 3}))
+    second = _register(*_named_set(str(tmp_path / "b"), {"dog": 1, "owl": 2, "cat": 3}))
+    findings = run_preflight(_cfg(train=[first, second]))
+    assert list(findings[second].warnings) == [
+        f"categories in another order than {first!r}'s: remapped by name to its order"
+    ]
+    records = get_detection_dataset_dicts([first, second])
+    classes = [[a["category_id"] for a in r["annotations"]] for r in records]
+    assert classes == [[0, 1, 2]] * 4  # box j is NAMES[j] in both files
+
+
 def test_different_categories_are_refused_naming_both_files(tmp_path):
     train_files = _named_set(str(tmp_path / "train"), {"cat": 1, "dog": 2, "owl": 3})
     test_files = _named_set(str(tmp_path / "test"), {"cat": 1, "dog": 2, "emu": 3})

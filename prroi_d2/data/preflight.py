@@ -95,7 +95,7 @@ def _compare_categories(results: Dict[str, DatasetFindings], test_names: List[st
             index = {category_name: i for i, category_name in enumerate(ref_names)}
             findings.category_remap = {cat_id: index[cat_name] for cat_id, cat_name in findings.categories}
             findings.warn(
-                "categories in another order than the test set's: remapped by name",
+                f"categories in another order than {reference.name!r}'s: remapped by name to its order",
                 f"{findings.json_file} vs {reference.json_file}: {_first_difference(names, ref_names)}",
             )
             continue
