@@ -40,3 +40,37 @@ def write_coco_set(root, boxes=((5, 5, 10, 10),), num_images=2, categories=3, ex
     with open(path, "w") as f:
         json.dump(data, f)
     return path, os.path.join(root, "images")
+
+
+def rewrite_json(json_file, change):
+    """Load ``json_file``, call ``change(data)`` (edits in place) and write it back."""
+    with open(json_file) as f:
+        data = json.load(f)
+    change(data)
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+
+
+def write_oriented_image(path, size=(W, H), orientation=6, how="exif"):
+    """An RGB noise image of stored ``size`` (width, height) whose metadata asks viewers to turn it: ``how="exif"``
+    (EXIF Orientation tag; JPEG, TIFF or PNG by the extension) or ``"xmp"`` (a PNG's XMP ``tiff:Orientation``).
+    Returns the stored pixels (H, W, 3) uint8."""
+    from PIL.PngImagePlugin import PngInfo
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if how == "xmp":
+        info = PngInfo()
+        info.add_itxt(
+            "XML:com.adobe.xmp",
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>'
+            "</rdf:RDF></x:xmpmeta>",
+        )
+        image.save(path, format="PNG", pnginfo=info)
+        return pixels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif)
+    return pixels

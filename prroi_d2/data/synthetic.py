@@ -14,6 +14,7 @@ import zlib
 
 import numpy as np
 
+from prroi_d2.data.preflight import DatasetCheckError
 from prroi_d2.data.synthetic_render import SYNTHETIC_CLASSES, render_synthetic_image
 
 __all__ = [
@@ -95,10 +96,33 @@ def generate_synthetic_coco(root, split, num_images, seed=0, image_size=(160, 19
 
 
 def default_datasets_root():
-    """``$PRROI_D2_DATASETS`` if set, else ``~/.cache/prroi_d2/datasets``."""
-    return os.environ.get("PRROI_D2_DATASETS") or os.path.join(
-        os.path.expanduser("~"), ".cache", "prroi_d2", "datasets"
-    )
+    """``$PRROI_D2_DATASETS`` if set, else ``~/.cache/prroi_d2/datasets``. A path that is (or lies under) a file
+    raises :class:`~prroi_d2.data.preflight.DatasetCheckError` naming the variable."""
+    root = os.environ.get("PRROI_D2_DATASETS")
+    if not root:
+        return os.path.join(os.path.expanduser("~"), ".cache", "prroi_d2", "datasets")
+    existing = os.path.abspath(root)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DatasetCheckError(
+            f"PRROI_D2_DATASETS={root!r}: {existing} is a file, not a folder (point PRROI_D2_DATASETS at a folder "
+            "for the generated datasets, or unset it for ~/.cache/prroi_d2/datasets)"
+        )
+    return root
+
+
+def _make_temp_folder(root, split):
+    """A temporary folder in ``root`` (made if missing); an unwritable place raises :class:`DatasetCheckError`
+    naming it and the variable that sets it."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=root)
+    except OSError as e:
+        raise DatasetCheckError(
+            f"Cannot write the synthetic dataset under {root}: {e.strerror or e} (set PRROI_D2_DATASETS to a "
+            "writable folder)"
+        ) from None
 
 
 def _stamp(split, num_images, seed, image_size):
@@ -127,8 +151,7 @@ def prepare_synthetic_split(root, split, num_images, seed=0, image_size=(160, 19
     json_path = os.path.join(root, f"{split}.json")
     if _is_current(root, split, stamp):
         return json_path
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=root)
+    tmp = _make_temp_folder(root, split)
     try:
         generate_synthetic_coco(tmp, split, num_images, seed, image_size)
         with open(os.path.join(tmp, f"{split}.stamp"), "w", encoding="utf-8") as f:
