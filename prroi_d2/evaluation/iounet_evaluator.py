@@ -23,7 +23,9 @@ from pycocotools.coco import COCO
 from prroi_d2.evaluation.coco_stages import _quiet, coco_max_dets, coco_stage_evaluation
 from prroi_d2.evaluation.iou_statistics import localization_statistics
 from prroi_d2.evaluation.records import instances_to_records
+from prroi_d2.evaluation.reliability import refinement_reliability
 from prroi_d2.evaluation.reports import format_stage_table, write_stage_reports
+from prroi_d2.evaluation.visualize import draw_reliability
 
 __all__ = ["IoUNetEvaluator"]
 
@@ -40,7 +42,8 @@ class IoUNetEvaluator(DatasetEvaluator):
         dataset_name: a registered dataset with COCO-format ground truth (``MetadataCatalog.get(name).json_file``; if
             absent, the dataset dicts are converted into one, as ``COCOEvaluator`` does).
         output_dir: where to write ``iounet_stages.json``, ``iounet_stages.md``, ``ap_vs_iou.png``,
-            ``iou_histogram.png`` and ``coco_instances_results_<stage>.json``; None writes nothing.
+            ``iou_histogram.png``, ``iou_reliability.png``, ``refinement_gain_by_iou.png`` and
+            ``coco_instances_results_<stage>.json``; None writes nothing.
         distributed: gather the predictions of all processes and evaluate on the main one.
         stages: names of the stages to evaluate (keys of ``outputs["stages"]``, or ``"final"`` for
             ``outputs["instances"]``); None evaluates every stage found (``"final"`` when outputs have no stages).
@@ -152,8 +155,11 @@ class IoUNetEvaluator(DatasetEvaluator):
             results[name], curves[name] = coco_stage_evaluation(coco_gt, stage_records, img_ids, self._max_dets)
 
         results["localization"], histogram = localization_statistics(coco_gt, records)
+        reliability = refinement_reliability(coco_gt, records, histogram.get("stage"))
         if self._output_dir:
-            write_stage_reports(self._output_dir, self._dataset_name, results, curves, histogram, self._max_dets)
+            write_stage_reports(self._output_dir, self._dataset_name, results, curves, histogram, self._max_dets,
+                                reliability)  # fmt: skip
+            draw_reliability(reliability, self._output_dir)
         title = f"IoU-Net stages on {self._dataset_name} (COCOeval maxDets {self._max_dets}):"
         table = format_stage_table(results)
         if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():

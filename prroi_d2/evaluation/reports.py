@@ -12,6 +12,7 @@ from detectron2.utils.file_io import PathManager
 
 from prroi_d2.evaluation.coco_stages import COCO_IOU_THRESHOLDS, STAGE_METRICS
 from prroi_d2.evaluation.iou_statistics import MATCH_IOU
+from prroi_d2.evaluation.reliability import format_reliability_table
 
 __all__ = ["format_stage_table", "json_safe", "plot_ap_vs_iou", "plot_iou_histogram", "write_stage_reports"]
 
@@ -149,11 +150,12 @@ def json_safe(value):
     return value
 
 
-def write_stage_reports(output_dir, dataset_name, results, curves, histogram, max_dets_per_image) -> None:
+def write_stage_reports(output_dir, dataset_name, results, curves, histogram, max_dets_per_image, reliability=None):
     """Write ``iounet_stages.json`` / ``.md``, ``ap_vs_iou.png`` and (with a histogram) ``iou_histogram.png``.
 
     ``results``: the evaluator's results (stage -> metrics, and ``"localization"``); ``curves``: stage -> AP at each of
-    COCO's ten IoU thresholds; ``histogram``: from :func:`localization_statistics`.
+    COCO's ten IoU thresholds; ``histogram``: from :func:`localization_statistics`; ``reliability``: from
+    :func:`refinement_reliability`, written under the json's ``"reliability"`` key and as a table in the markdown.
     """
     summary = OrderedDict((name, metrics) for name, metrics in _stage_rows(results))
     loc = results.get("localization", {})
@@ -166,12 +168,15 @@ def write_stage_reports(output_dir, dataset_name, results, curves, histogram, ma
     summary["max_dets_per_image"] = int(max_dets_per_image)
     summary["ap_per_iou_threshold"] = {"iou_thresholds": COCO_IOU_THRESHOLDS.round(2).tolist(), **curves}
     summary["iou_histogram"] = histogram
+    summary["reliability"] = reliability or {}
     with PathManager.open(os.path.join(output_dir, "iounet_stages.json"), "w") as f:
         json.dump(json_safe(summary), f, indent=2, allow_nan=False)
     with PathManager.open(os.path.join(output_dir, "iounet_stages.md"), "w") as f:
         f.write(f"# IoU-Net stages on {dataset_name}\n\n")
         f.write(f"COCOeval maxDets {max_dets_per_image} (detections per image and class).\n\n")
         f.write(format_stage_table(results))
+        if reliability:
+            f.write("\n" + format_reliability_table(reliability))
     plot_ap_vs_iou(curves, os.path.join(output_dir, "ap_vs_iou.png"))
     if histogram:
         plot_iou_histogram(histogram, os.path.join(output_dir, "iou_histogram.png"))

@@ -1,4 +1,5 @@
-"""Pictures of IoU-Net's box refinement: ground truth, the box before refinement and after, with predicted IoUs.
+"""Pictures of IoU-Net's box refinement: ground truth, the box before refinement and after, with predicted IoUs; and
+the reliability of the predicted IoU with the gain of refinement per predicted-IoU bin (:mod:`.reliability`).
 
 Reads the results json of the refined stage written by :class:`prroi_d2.evaluation.IoUNetEvaluator`
 (``coco_instances_results_refined.json``: records with ``bbox``, ``bbox_initial``, ``iou``, ``iou_initial``) and the
@@ -11,10 +12,11 @@ import os
 from collections import defaultdict
 
 import numpy as np
+from detectron2.utils.file_io import PathManager
 
 from prroi_d2.evaluation.reports import _new_figure
 
-__all__ = ["draw_refinement_examples", "select_examples"]
+__all__ = ["draw_refinement_examples", "draw_reliability", "select_examples"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,4 +136,85 @@ def draw_refinement_examples(
         paths.append(path)
     if not paths:
         logger.warning(f"No detection with score >= {score_threshold} in {results_json}: no picture written")
+    return paths
+
+
+def _column(bins, key) -> np.ndarray:
+    """(B,) float64 of ``bin[key]`` over ``bins`` (None, as read back from json, becomes NaN)."""
+    return np.asarray([np.nan if b.get(key) is None else b[key] for b in bins], dtype=np.float64)
+
+
+def _save(fig, path) -> str:
+    fig.tight_layout()
+    with PathManager.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    return path
+
+
+def _count_axes(fig, cell, top, bins):
+    """Bar plot, in the gridspec ``cell`` under the axes ``top``, of the detections per predicted-IoU bin, each bar
+    labelled with its count."""
+    low, high, count = _column(bins, "low"), _column(bins, "high"), _column(bins, "count")
+    ax = fig.add_subplot(cell, sharex=top)
+    ax.bar((low + high) / 2, count, width=(high - low) * 0.9, color="#7f7f7f")
+    for x, n in zip((low + high) / 2, count):
+        ax.text(x, n, f"{n:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, max(count.max(initial=0) * 1.25, 1))
+    ax.set_ylabel("detections")
+    return ax
+
+
+def draw_reliability(reliability, output_dir) -> list:
+    """Write ``iou_reliability.png`` (mean true IoU +- std per predicted-IoU bin against the diagonal, over the
+    detections per bin) and, when the records were refined, ``refinement_gain_by_iou.png`` (mean change of true IoU
+    and the share of detections improved / worsened per bin, over the counts) into ``output_dir``.
+
+    ``reliability``: :func:`prroi_d2.evaluation.reliability.refinement_reliability`'s result (or read back from
+    ``iounet_stages.json``); an empty one writes nothing. Returns the paths written.
+    """
+    if not reliability:
+        return []
+    bins = reliability["bins"]
+    low, high = _column(bins, "low"), _column(bins, "high")
+    centers, width = (low + high) / 2, high - low
+    xlabel = f"predicted IoU ({reliability['source']})"
+
+    fig = _new_figure(6, 6)
+    grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
+    ax = fig.add_subplot(grid[0])
+    ax.plot([low[0], high[-1]], [low[0], high[-1]], "--", color="#7f7f7f", label="true = predicted")
+    mean_pred, mean_true, std_true = (_column(bins, k) for k in ("mean_predicted", "mean_true", "std_true"))
+    filled = _column(bins, "count") > 0
+    ax.errorbar(mean_pred[filled], mean_true[filled], yerr=std_true[filled], fmt="o-", capsize=3, color=REFINED_COLOR,
+                label="mean true IoU +- std per bin")  # fmt: skip
+    ax.set_xlim(low[0], high[-1])
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("true IoU")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left")
+    ax.set_title("Reliability of the predicted IoU")
+    _count_axes(fig, grid[1], ax, bins).set_xlabel(xlabel)
+    paths = [_save(fig, os.path.join(output_dir, "iou_reliability.png"))]
+    if not reliability.get("refined"):
+        return paths
+
+    fig = _new_figure(6, 6)
+    grid = fig.add_gridspec(3, 1, height_ratios=(2, 1.5, 1))
+    ax = fig.add_subplot(grid[0])
+    gain = np.nan_to_num(_column(bins, "mean_true_gain"))
+    ax.bar(centers, gain, width=width * 0.9, color=np.where(gain >= 0, GT_COLOR, "#d62728"))
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("mean true-IoU gain")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title("What refinement did to the true IoU, per predicted IoU")
+    share = fig.add_subplot(grid[1], sharex=ax)
+    for key, label, color, offset in (("improved_fraction", "improved", GT_COLOR, -0.25),
+                                      ("worsened_fraction", "worsened", "#d62728", 0.25)):  # fmt: skip
+        share.bar(centers + offset * width, np.nan_to_num(_column(bins, key)), width=width * 0.45, color=color,
+                  label=label)  # fmt: skip
+    share.set_ylim(0, 1)
+    share.set_ylabel("share of bin")
+    share.legend(loc="upper left", fontsize=8)
+    _count_axes(fig, grid[2], ax, bins).set_xlabel(xlabel)
+    paths.append(_save(fig, os.path.join(output_dir, "refinement_gain_by_iou.png")))
     return paths
