@@ -7,10 +7,10 @@ The held-out split is data the model did not train on and that is not the report
 detection's initial and refined box and predicted IoU, and scores with pycocotools:
 
 1. the two stages without refinement: ``baseline`` (Detectron2's NMS) and ``iou_nms`` (IoU-guided NMS);
-2. refinement after IoU-guided NMS for every ``CALIBRATION.STEPS`` x ``CALIBRATION.MAX_ITERS``;
-3. for the best of those (and refinement after Detectron2's NMS with the same step and iterations), every per-box
-   acceptance rule ``CALIBRATION.MARGINS`` x ``CALIBRATION.IOU_RANGES``
-   (:mod:`prroi_d2.modeling.refine_acceptance`), applied to the kept boxes without running the model again.
+2. refinement after IoU-guided NMS for every ``CALIBRATION.STEPS`` x ``CALIBRATION.MAX_ITERS``, each with every
+   per-box acceptance rule ``CALIBRATION.MARGINS`` x ``CALIBRATION.IOU_RANGES``
+   (:mod:`prroi_d2.modeling.refine_acceptance`), applied to the kept boxes without running the model again;
+3. refinement after Detectron2's NMS with the step and iterations of the best of 2, with every acceptance rule.
 
 A setting is *safe* when its held-out AP, AP75 and AP90 are each at least the baseline stage's, and its AP exceeds
 the baseline's by at least ``MIN_AP_GAIN``. The safe setting with the highest AP is chosen; when none is safe,
@@ -188,10 +188,17 @@ def _is_safe(metrics: Dict[str, float], reference: Dict[str, float]) -> bool:
     )
 
 
-def calibrate(model, cfg, dataset_name: str, data_loader) -> Tuple[CalibrationSetting, List[Dict]]:
+def calibrate(model, cfg, dataset_name: str, data_loader, collect=None) -> Tuple[CalibrationSetting, List[Dict]]:
     """Choose the setting on ``dataset_name`` (iterated by ``data_loader``, sharded over processes as Detectron2's
     test loaders are); returns (the chosen setting, the held-out table: one row per setting tried, with its
-    metrics). Every process returns the same choice; the model is left with its original setting."""
+    metrics). Every process returns the same choice; the model is left with its original setting.
+
+    ``collect(nms, step, max_iter)`` -> per-image detections (default: running ``model`` over ``data_loader``)."""
+    if collect is None:
+
+        def collect(nms, step, max_iter):
+            return _collect(model, data_loader, nms=nms, step=step, max_iter=max_iter)
+
     grid = cfg.MODEL.IOU_NET.CALIBRATION
     branch = iou_branch_of(model)
     original = setting_of_cfg(cfg)
@@ -222,36 +229,28 @@ def calibrate(model, cfg, dataset_name: str, data_loader) -> Tuple[CalibrationSe
         )
         return metrics
 
+    def evaluate_rules(images, nms, step, max_iter):
+        for margin in grid.MARGINS:
+            for low, high in grid.IOU_RANGES:
+                setting = CalibrationSetting(nms, True, step, max_iter, float(margin), (float(low), float(high)))
+                results[setting] = evaluate(images, setting, "refined", (setting.margin, setting.iou_range))
+
     try:
-        steps, iters = list(grid.STEPS), list(grid.MAX_ITERS)
         results = {}
-        for i, (step, max_iter) in enumerate((s, t) for s in steps for t in iters):
-            images = _collect(model, data_loader, nms=True, step=step, max_iter=max_iter)
+        for i, (step, max_iter) in enumerate((s, t) for s in grid.STEPS for t in grid.MAX_ITERS):
+            images = collect(True, float(step), int(max_iter))
             if i == 0:  # the stages without refinement do not depend on the refinement grid
                 off = CalibrationSetting(nms=False, refine=False, step=original.step, max_iter=original.max_iter)
                 results[off] = evaluate(images, off, "baseline")
-                nms_only = replace(off, nms=True)
-                results[nms_only] = evaluate(images, nms_only, "plain")
-            setting = CalibrationSetting(nms=True, refine=True, step=step, max_iter=max_iter)
-            results[setting] = evaluate(images, setting, "refined", (0.0, (0.0, 1.0)))
-            best = (
-                max((s for s in results if s.refine), key=lambda s: results[s]["AP"])
-                if comm.is_main_process()
-                else None
-            )
-            best = comm.all_gather(best)[0] if comm.get_world_size() > 1 else best
-            if best == setting:
-                best_images = images
-        # Acceptance rules on the best (step, T), after IoU-guided NMS and after Detectron2's NMS.
-        for nms in (True, False):
-            images = (
-                best_images if nms else _collect(model, data_loader, nms=False, step=best.step, max_iter=best.max_iter)
-            )
-            for margin in grid.MARGINS:
-                for low, high in grid.IOU_RANGES:
-                    setting = replace(best, nms=nms, margin=float(margin), iou_range=(float(low), float(high)))
-                    if setting not in results:
-                        results[setting] = evaluate(images, setting, "refined", (setting.margin, setting.iou_range))
+                results[replace(off, nms=True)] = evaluate(images, replace(off, nms=True), "plain")
+            evaluate_rules(images, True, float(step), int(max_iter))
+        # Refinement after Detectron2's NMS, with the (step, T) of the best refinement after IoU-guided NMS.
+        if comm.is_main_process():
+            best = max((s for s in results if s.refine), key=lambda s: results[s]["AP"])
+        else:
+            best = None
+        best = comm.all_gather(best)[0] if comm.get_world_size() > 1 else best
+        evaluate_rules(collect(False, best.step, best.max_iter), False, best.step, best.max_iter)
         if comm.is_main_process():
             reference = results[off]
             safe = [s for s, m in results.items() if s != off and _is_safe(m, reference)]
