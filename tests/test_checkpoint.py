@@ -336,3 +336,4 @@ def test_a_run_keeps_only_model_final_and_refuses_to_resume_with_another_model(t
     assert len(lines) == 1, printed[-3000:]
     assert lines[0].startswith(f"--resume: checkpoint {tmp_path / 'model_final.pth'} comes from a different model")
     assert "key roi_heads.box_head.fc1.weight has shape (32, " in lines[0] and ") there and (16, " in lines[0]
+    assert "NUM_CLASSES" not in lines[0]

@@ -262,7 +262,8 @@ def _refuse_foreign_checkpoint(path: str, incompatible, total: int) -> None:
         f"{len(shapes)} keys of another shape, {len(missing)} of the model's {total} keys missing, "
         f"{len(unexpected)} unexpected"
     )
-    hint = " (MODEL.ROI_HEADS.NUM_CLASSES changed?)" if any(k.endswith("cls_score.weight") for k in skipped) else ""
+    classes_differ = any(k.endswith("cls_score.weight") and a[0] != b[0] for k, a, b in shapes)
+    hint = " (MODEL.ROI_HEADS.NUM_CLASSES changed?)" if classes_differ else ""
     raise ResumeMismatchError(
         f"--resume: checkpoint {path} comes from a different model or config: {first} ({counts}){hint}; "
         f"{_RESUME_ADVICE}"
