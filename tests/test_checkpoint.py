@@ -15,16 +15,20 @@ import torch
 pytest.importorskip("detectron2")
 
 from detectron2.config import get_cfg
+from detectron2.engine import SimpleTrainer, hooks
 from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
 
 from prroi_d2 import add_iounet_config
 from prroi_d2.engine.checkpoint import (
     CheckpointReadError,
+    ResumeMismatchError,
     SafeCheckpointer,
     WeightsError,
     check_frozen_weights_loaded,
     load_weights_for_eval,
 )
+from prroi_d2.engine.checkpoint_hook import with_checkpoint_retention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
@@ -170,12 +174,13 @@ def test_training_killed_while_writing_a_checkpoint_resumes(tmp_path):
     (what a non-atomic writer leaves): --resume warns, falls back to the first and finishes the run."""
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, TRAIN_NET, "--config-file", SYNTHETIC]
-    # The second checkpoint's temporary file is a pipe: its writer blocks once the pipe is full, mid-write.
-    pipe = tmp_path / "model_0000003.pth.tmp"
-    os.mkfifo(pipe)
-    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    # The second checkpoint's temporary file (one name per process) is a pipe: its writer blocks once the pipe is
+    # full, mid-write. The run takes seconds to reach it.
     log = open(tmp_path.parent / f"{tmp_path.name}.log", "w+")
     proc = subprocess.Popen(cmd + _tiny(tmp_path, 6), env=env, stdout=log, stderr=subprocess.STDOUT)
+    pipe = tmp_path / f"model_0000003.pth.tmp.{proc.pid}"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
     partial, deadline = b"", time.time() + 240
     try:
         while len(partial) < 256 * 1024 and time.time() < deadline:
@@ -214,4 +219,121 @@ def test_training_killed_while_writing_a_checkpoint_resumes(tmp_path):
     final = torch.load(tmp_path / "model_final.pth", weights_only=False)
     assert final["iteration"] == 5
     assert torch.load(tmp_path / "model_0000001.pth", weights_only=False)["iteration"] == 1  # nothing lost
-    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+
+
+def _with_optimizer_state(cfg):
+    """A model of ``cfg`` and its optimizer after one step (momentum buffers of every parameter's shape)."""
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.parametrize("other", ["num_classes", "model"])
+def test_resume_refuses_a_checkpoint_of_another_model_or_num_classes(model_and_cfg, tmp_path, other):
+    """Before: the shape mismatch was skipped with a warning and the optimizer's momentum of the other shape made
+    the first step fail (RuntimeError: the size of tensor a (4) must match ... (6)); another model's optimizer
+    state failed to load (ValueError: ... parameter group that doesn't match ...)."""
+    _, cfg = model_and_cfg
+    opts = ["MODEL.ROI_HEADS.NUM_CLASSES", "3"] if other == "num_classes" else [
+        "MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.ROI_HEADS.NAME", "StandardROIHeads"]  # fmt: skip
+    theirs, their_optimizer = _with_optimizer_state(_cfg(tmp_path, *opts))
+    SafeCheckpointer(theirs, save_dir=str(tmp_path), optimizer=their_optimizer).save("model_0000009", iteration=9)
+
+    ours, our_optimizer = _with_optimizer_state(cfg)
+    before = {k: v["momentum_buffer"].clone() for k, v in our_optimizer.state_dict()["state"].items()}
+    assert len(before) == len(list(ours.parameters()))
+    with pytest.raises(ResumeMismatchError) as info:
+        SafeCheckpointer(ours, save_dir=str(tmp_path), optimizer=our_optimizer).resume_or_load("", resume=True)
+    message = str(info.value)
+    path = tmp_path / "model_0000009.pth"
+    assert "\n" not in message
+    assert message.startswith(f"--resume: checkpoint {path} comes from a different model or config: ")
+    if other == "num_classes":
+        assert "key roi_heads.box_predictor.cls_score.weight has shape (4, 16) there and (6, 16) in the model" in (
+            message
+        )
+        assert "(MODEL.ROI_HEADS.NUM_CLASSES changed?)" in message
+    else:
+        assert "the model's key roi_heads.iou_head." in message and "is not in it" in message
+    assert "MODEL.WEIGHTS FILE without --resume" in message
+    after = our_optimizer.state_dict()["state"]  # refused before the optimizer's state was replaced
+    assert all(torch.equal(v, after[k]["momentum_buffer"]) for k, v in before.items())
+
+    # Without --resume, the same file fine-tunes: the other shapes are skipped (Detectron2's behaviour).
+    SafeCheckpointer(ours, save_dir=str(tmp_path)).resume_or_load(str(path), resume=False)
+
+
+class _LinearLoss(torch.nn.Module):
+    """The smallest model Detectron2's SimpleTrainer trains: a dict of losses."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 1)
+
+    def forward(self, batch):
+        return {"loss": self.fc(batch).pow(2).mean()}
+
+
+def _checkpoints_left(folder, keep, max_iter=7, period=2):
+    torch.manual_seed(0)
+    model = _LinearLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleTrainer(model, iter(lambda: torch.randn(8, 4), None), optimizer)
+    checkpointer = SafeCheckpointer(model, save_dir=str(folder))
+    detectron2_hook = hooks.PeriodicCheckpointer(checkpointer, period)
+    trainer.register_hooks(with_checkpoint_retention([detectron2_hook], keep) if keep != "detectron2" else
+                           [detectron2_hook])  # fmt: skip
+    trainer.train(0, max_iter)
+    final = torch.load(folder / "model_final.pth", weights_only=True)
+    assert final["iteration"] == max_iter - 1
+    assert torch.equal(final["model"]["fc.weight"], model.fc.weight.detach())
+    assert (folder / "last_checkpoint").read_text() == "model_final.pth"
+    return sorted(name for name in os.listdir(folder) if name.endswith(".pth"))
+
+
+@pytest.mark.parametrize(
+    "keep, max_iter, left",
+    [
+        # Detectron2: every periodic checkpoint, and at the last iteration one identical to model_final.
+        ("detectron2", 6, ["model_0000001.pth", "model_0000003.pth", "model_0000005.pth", "model_final.pth"]),
+        (0, 6, ["model_final.pth"]),  # SOLVER.CHECKPOINT_KEEP's default
+        (0, 7, ["model_final.pth"]),
+        (1, 7, ["model_0000005.pth", "model_final.pth"]),
+        (-1, 6, ["model_0000001.pth", "model_0000003.pth", "model_final.pth"]),  # all, without the duplicate
+    ],
+)
+def test_checkpoint_keep(tmp_path, keep, max_iter, left):
+    assert _checkpoints_left(tmp_path, keep, max_iter) == left
+
+
+def test_checkpoint_keep_must_be_an_integer_from_minus_one():
+    for bad in (-2, 1.5, "all", True):
+        with pytest.raises(SystemExit, match="SOLVER.CHECKPOINT_KEEP must be an integer >= -1"):
+            with_checkpoint_retention([], bad)
+
+
+def test_a_run_keeps_only_model_final_and_refuses_to_resume_with_another_model(tmp_path):
+    """The real trainer: periodic checkpoints while training, only model_final.pth at the end (SOLVER.
+    CHECKPOINT_KEEP 0); then --resume of that folder with another box head (MODEL.ROI_BOX_HEAD.FC_DIM) stops with
+    one line before training. (Another NUM_CLASSES on the same data is stopped earlier by the pre-flight check.)"""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, TRAIN_NET, "--config-file", SYNTHETIC]
+    first = subprocess.run(cmd + _tiny(tmp_path, 4), env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert "Saving checkpoint to " + str(tmp_path / "model_0000001.pth") in first.stderr + first.stdout
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pth")) == ["model_final.pth"]
+
+    other = subprocess.run(cmd + ["--resume"] + _tiny(tmp_path, 6) + ["MODEL.ROI_BOX_HEAD.FC_DIM", "16"], env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    printed = other.stdout + other.stderr
+    assert other.returncode == 1, printed[-3000:]
+    assert "Traceback" not in printed and "Starting training" not in printed, printed[-3000:]
+    lines = [line for line in printed.splitlines() if line.startswith("--resume:")]
+    assert len(lines) == 1, printed[-3000:]
+    assert lines[0].startswith(f"--resume: checkpoint {tmp_path / 'model_final.pth'} comes from a different model")
+    assert "key roi_heads.box_head.fc1.weight has shape (32, " in lines[0] and ") there and (16, " in lines[0]
+    assert "NUM_CLASSES" not in lines[0]

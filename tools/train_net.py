@@ -47,7 +47,9 @@ from prroi_d2.engine.checkpoint import (  # noqa: E402
     check_frozen_weights_loaded,
     load_weights_for_eval,
 )
+from prroi_d2.engine.checkpoint_hook import add_checkpoint_config, with_checkpoint_retention  # noqa: E402
 from prroi_d2.engine.steps import build_evaluator, build_writers, prepare_datasets, report, setup_run  # noqa: E402
+from prroi_d2.safe_loading import safe_merge_from_file  # noqa: E402
 
 
 class Trainer(EndRunOnDecodeError, DefaultTrainer):
@@ -72,7 +74,7 @@ class Trainer(EndRunOnDecodeError, DefaultTrainer):
         writes; ``--resume`` skips an unreadable latest checkpoint), plus a warning if the IoU head still learns
         nothing well after warm-up (before the writers, so it lands in the same iteration's log)."""
         self.checkpointer = SafeCheckpointer.from_checkpointer(self.checkpointer)
-        hooks = super().build_hooks()
+        hooks = with_checkpoint_retention(super().build_hooks(), self.cfg.SOLVER.CHECKPOINT_KEEP)
         start = max(3 * self.cfg.SOLVER.WARMUP_ITERS, 300)
         hooks.insert(len(hooks) - 1, IoULearningMonitor(start_iter=start))
         if self.cfg.MODEL.IOU_NET.CALIBRATION.DATASET:  # before the final evaluation, which then uses the choice
@@ -119,8 +121,9 @@ def setup(args):
     cfg = get_cfg()
     add_iounet_config(cfg)
     add_aerial_augment_config(cfg)
+    add_checkpoint_config(cfg)
     try:
-        cfg.merge_from_file(args.config_file)
+        safe_merge_from_file(cfg, args.config_file)
         cfg.merge_from_list(args.opts)
     except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, type mismatch, odd-length list
         raise SystemExit(f"Config {args.config_file} (and overrides): {e.args[0] if e.args else e}") from None

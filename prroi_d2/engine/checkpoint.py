@@ -1,9 +1,12 @@
 """Checkpoints that survive a kill, and weights that must fit the model.
 
 * :class:`SafeCheckpointer`: Detectron2's ``DetectionCheckpointer`` writing every checkpoint and ``last_checkpoint``
-  to a temporary file renamed over the target (a kill never leaves a half-written checkpoint under its name),
-  naming the file and what it is when one cannot be read, and, on ``resume``, skipping a latest checkpoint that
-  cannot be read for the one before it (with a warning).
+  to a temporary file of its process (``NAME.pth.tmp.<pid>``) renamed over the target (a kill never leaves a
+  half-written checkpoint under its name; a failed write, e.g. a full disk, leaves no temporary file and raises
+  :class:`CheckpointWriteError` naming the file), naming the file and what it is when one cannot be read, reading
+  ``.pkl`` weights without running code (:mod:`prroi_d2.safe_loading`), and, on ``resume``, skipping a latest
+  checkpoint that cannot be read for the one before it (with a warning) and refusing a checkpoint of another model
+  or config (:class:`ResumeMismatchError`) before the optimizer's state is touched.
 * :func:`load_weights_for_eval`: ``--eval-only`` loading that refuses to evaluate random or partial weights.
 * :func:`check_frozen_weights_loaded`: when only the IoU head trains, every frozen key must be loaded.
 """
@@ -15,8 +18,12 @@ from typing import Callable, List, Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from prroi_d2.safe_loading import UntrustedFileError, load_pickled_weights
+
 __all__ = [
     "CheckpointReadError",
+    "CheckpointWriteError",
+    "ResumeMismatchError",
     "SafeCheckpointer",
     "WeightsError",
     "check_frozen_weights_loaded",
@@ -34,6 +41,10 @@ class CheckpointReadError(RuntimeError):
 
 class WeightsError(RuntimeError):
     """The loaded weights do not fit the model (or none were loaded) where that would make the run meaningless."""
+
+
+class ResumeMismatchError(WeightsError):
+    """``--resume`` found a checkpoint of another model or config in the output folder."""
 
 
 def describe_file(path: str) -> str:
@@ -61,14 +72,52 @@ def describe_file(path: str) -> str:
     return f"a text file of {size} bytes, not a PyTorch checkpoint (starts with {first!r})"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, folder not writable); nothing already saved was replaced."""
+
+
+class _RecordingFile:
+    """A binary file whose first ``OSError`` on write is kept: ``torch.save`` reports a failed write of its zip
+    writer as a ``RuntimeError`` without the errno."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def _atomic_write(path: str, write: Callable) -> None:
-    """``write(f)`` into ``path + ".tmp"``, flushed to disk, then renamed to ``path`` (atomic on POSIX)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``write(f)`` into ``path + ".tmp.<pid>"`` (one name per process), flushed to disk, then renamed to ``path``
+    (atomic on POSIX). On failure the temporary file is removed, ``path`` is untouched and
+    :class:`CheckpointWriteError` names the file and the reason (e.g. "No space left on device")."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    recorder = None
+    try:
+        with open(tmp, "wb") as f:
+            recorder = _RecordingFile(f)
+            write(recorder)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        cause = (recorder.error if recorder is not None else None) or e
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else f"{type(cause).__name__}: {cause}"
+        raise CheckpointWriteError(
+            f"Cannot write checkpoint {path}: {reason}; nothing was replaced (no temporary file is left)"
+        ) from e
     try:
         fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     except OSError:
@@ -88,6 +137,8 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     loaded_path: Optional[str] = None
     incompatible = None
+    strict_resume = True  # False: resume_or_load loads what fits (load_weights_for_eval checks on its own)
+    _resuming: Optional[str] = None
 
     @classmethod
     def from_checkpointer(cls, other: DetectionCheckpointer) -> "SafeCheckpointer":
@@ -119,7 +170,11 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str):
         try:
+            if filename.endswith(".pkl"):
+                return _zoo_checkpoint(load_pickled_weights(filename), self.logger)
             return super()._load_file(filename)
+        except UntrustedFileError as e:
+            raise CheckpointReadError(str(e)) from None
         except Exception as e:
             reason = (str(e).strip().splitlines() or [""])[0][:200]
             raise CheckpointReadError(
@@ -128,6 +183,8 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         self.incompatible = super()._load_model(checkpoint)
+        if self._resuming:
+            _refuse_foreign_checkpoint(self._resuming, self.incompatible, len(self.model.state_dict()))
         return self.incompatible
 
     def load(self, path: str, checkpointables: Optional[List[str]] = None):
@@ -137,6 +194,26 @@ class SafeCheckpointer(DetectionCheckpointer):
         ret = super().load(path, checkpointables)
         self.loaded_path = path or None
         return ret
+
+    def _resume_from(self, path: str):
+        """``load(path)`` of the model and every checkpointable; with ``strict_resume``, a checkpoint of another
+        model or config (any key missing, unexpected or of another shape) raises :class:`ResumeMismatchError`
+        before the optimizer's state is touched, and so does saved training state that does not fit."""
+        if not self.strict_resume:
+            return self.load(path)
+        self._resuming = path
+        try:
+            return self.load(path)
+        except (ResumeMismatchError, CheckpointReadError):
+            raise
+        except (ValueError, KeyError, RuntimeError, IndexError) as e:  # optimizer / scheduler / trainer state
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ResumeMismatchError(
+                f"--resume: checkpoint {path} comes from a different model or config: its training state does not "
+                f"fit ({type(e).__name__}: {reason}); {_RESUME_ADVICE}"
+            ) from None
+        finally:
+            self._resuming = None
 
     def _resume_candidates(self) -> List[str]:
         """The tagged last checkpoint first, then the folder's other ``.pth`` files, newest first."""
@@ -153,10 +230,57 @@ class SafeCheckpointer(DetectionCheckpointer):
             if skipped:
                 self.logger.warning(f"{skipped[-1]}; falling back to the previous checkpoint {candidate}")
             try:
-                return self.load(candidate)
+                return self._resume_from(candidate)
             except CheckpointReadError as e:
                 skipped.append(str(e))
         raise CheckpointReadError(f"--resume: no checkpoint in {self.save_dir} can be read:\n  " + "\n  ".join(skipped))
+
+
+_RESUME_ADVICE = (
+    "resume it with the config it was trained with, set another OUTPUT_DIR, or start from its weights with "
+    "MODEL.WEIGHTS FILE without --resume (keys of other shapes are then skipped, as when fine-tuning)"
+)
+
+
+def _refuse_foreign_checkpoint(path: str, incompatible, total: int) -> None:
+    """Raise :class:`ResumeMismatchError` if the model's keys and shapes differ from those of ``path``, the
+    checkpoint ``--resume`` continues: a run resumes only from its own checkpoints."""
+    shapes = incompatible.incorrect_shapes
+    skipped = {k for k, _, _ in shapes}
+    missing = [k for k in incompatible.missing_keys if k not in skipped]
+    unexpected = list(incompatible.unexpected_keys)
+    if not (shapes or missing or unexpected):
+        return
+    if shapes:
+        key, in_checkpoint, in_model = shapes[0]
+        first = f"key {key} has shape {tuple(in_checkpoint)} there and {tuple(in_model)} in the model"
+    elif missing:
+        first = f"the model's key {missing[0]} is not in it"
+    else:
+        first = f"its key {unexpected[0]} is not in the model"
+    counts = (
+        f"{len(shapes)} keys of another shape, {len(missing)} of the model's {total} keys missing, "
+        f"{len(unexpected)} unexpected"
+    )
+    classes_differ = any(k.endswith("cls_score.weight") and a[0] != b[0] for k, a, b in shapes)
+    hint = " (MODEL.ROI_HEADS.NUM_CLASSES changed?)" if classes_differ else ""
+    raise ResumeMismatchError(
+        f"--resume: checkpoint {path} comes from a different model or config: {first} ({counts}){hint}; "
+        f"{_RESUME_ADVICE}"
+    )
+
+
+def _zoo_checkpoint(data, logger) -> dict:
+    """A loaded ``.pkl`` as Detectron2's checkpointer returns it: Detectron2's model zoo format as is; a Caffe2 /
+    Detectron model (its ``blobs``, momentum buffers left out) for name-matching conversion."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a .pkl of weights holds a dict, this one a {type(data).__name__}")
+    if "model" in data and "__author__" in data:
+        logger.info(f"Reading a file from '{data['__author__']}'")
+        return data
+    blobs = data.get("blobs", data)
+    weights = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+    return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
 
 
 def _examples(keys) -> str:
@@ -180,6 +304,7 @@ def load_weights_for_eval(model, cfg, *, resume: bool, allow_partial: bool = Fal
     given, or when any key of the model is missing from the checkpoint or skipped (shape mismatch) unless
     ``allow_partial``; :class:`CheckpointReadError` when the file cannot be read. Returns the path loaded."""
     checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer.strict_resume = False  # the partial-weights check below names what does not fit
     resuming = resume and checkpointer.has_checkpoint()
     if not resuming and not cfg.MODEL.WEIGHTS:
         where = f" and {cfg.OUTPUT_DIR} has no last_checkpoint to resume from" if resume else ""

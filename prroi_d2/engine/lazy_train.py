@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from prroi_d2.data.named_decode import EndRunOnDecodeError, NamedDecodeErrors
 from prroi_d2.data.preflight import run_preflight
 from prroi_d2.engine.checkpoint import check_frozen_weights_loaded, load_weights_for_eval
+from prroi_d2.engine.checkpoint_hook import PeriodicCheckpointer
 from prroi_d2.engine.iou_learning_monitor import IoULearningMonitor
 from prroi_d2.engine.steps import build_checkpointer, build_writers, prepare_datasets, report, setup_run
 
@@ -129,7 +130,7 @@ def do_train(args, cfg: DictConfig):
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
+            PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
             hooks.EvalHook(cfg.train.eval_period, evaluate),
             IoULearningMonitor(start_iter=_monitor_start(cfg)),
             hooks.PeriodicWriter(build_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)

@@ -18,6 +18,7 @@ from prroi_d2.data import register_synthetic_datasets
 from prroi_d2.data.neon_trees import NeonTreesDownloadError, register_neon_trees_datasets
 from prroi_d2.data.register import register_coco_dataset
 from prroi_d2.engine.checkpoint import SafeCheckpointer
+from prroi_d2.engine.output_lock import hold_output_dir
 from prroi_d2.evaluation import IoUNetEvaluator, draw_refinement_examples
 
 __all__ = [
@@ -43,8 +44,9 @@ def setup_run(cfg, args) -> None:
     """Detectron2's ``default_setup`` for a ``CfgNode`` or a LazyConfig (logging, the config saved to the output
     folder and the seed of every random generator: ``SEED`` / ``train.seed``; < 0 draws one), and prroi_d2's own
     logger to the same console and ``log.txt``."""
-    default_setup(cfg, args)
     output_dir = cfg.OUTPUT_DIR if hasattr(cfg, "OUTPUT_DIR") else cfg.train.output_dir
+    hold_output_dir(output_dir)  # one run per OUTPUT_DIR (main process), before anything is written there
+    default_setup(cfg, args)
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name="prroi_d2", abbrev_name="prroi_d2")
 
 
