@@ -1,51 +1,34 @@
-#!/usr/bin/env python
-"""Train and evaluate IoU-Net with Detectron2 (Detectron2's train_net conventions).
-
-    python tools/train_net.py --config-file configs/iounet_synthetic_R18.yaml             # the embedded synthetic set
-    python tools/train_net.py --config-file configs/iounet_R50.yaml --num-gpus 8           # COCO 2017
-    python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model.pth     # evaluate every stage
-    python tools/train_net.py --config-file CONFIG --resume                                # continue a killed run
-    python tools/train_net.py --config-file configs/lazy/iounet_cascade_R50_FPN.py train.max_iter=1000  # LazyConfig
-    python tools/train_net.py --config-file configs/iounet_synthetic_R18.yaml \
-        --register mine_train train.json images/ --register mine_val val.json images/ \
-        DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)' MODEL.ROI_HEADS.NUM_CLASSES 3   # own data
+"""Training and evaluation from a YAML config (the path ``tools/train_net.py`` takes for ``--config-file X.yaml``),
+as Detectron2's ``train_net.py``: ``get_cfg`` with ``MODEL.IOU_NET`` (:func:`~prroi_d2.config.add_iounet_config`)
+and ``INPUT.AERIAL_AUGMENT``, the file and trailing ``KEY VALUE`` overrides merged, every value checked
+(:mod:`~prroi_d2.config_checks`), then Detectron2's ``DefaultTrainer`` with this project's evaluator, checkpointer,
+loaders and hooks. Dataset registration, the evaluator, the checkpointer, seeding and the report are the LazyConfig
+path's too (:mod:`prroi_d2.engine.steps`).
 
 Evaluation reports the baseline (Detectron2's NMS), +IoU-guided NMS and +refinement from one pass (COCO AP at
 several IoU thresholds, predicted-vs-true IoU correlation) and writes OUTPUT_DIR/inference/: iounet_stages.{json,md},
 coco_instances_results_<stage>.json, ap_vs_iou.png, iou_histogram.png and refinement_examples/*.png.
-Without CUDA, training runs on the CPU; --num-gpus N then starts N CPU processes (gloo).
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import yaml
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer
+from detectron2.utils import comm
 
-import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
+from prroi_d2.config import add_iounet_config
+from prroi_d2.config_checks import config_problems, raise_problems, resolve_device
+from prroi_d2.config_files import config_file_problem
+from prroi_d2.data.augmentation import AerialDatasetMapper, add_aerial_augment_config
+from prroi_d2.data.named_decode import EndRunOnDecodeError, NamedDecodeErrors
+from prroi_d2.data.preflight import run_preflight
+from prroi_d2.engine.checkpoint import SafeCheckpointer, check_frozen_weights_loaded, load_weights_for_eval
+from prroi_d2.engine.iou_learning_monitor import IoULearningMonitor
+from prroi_d2.engine.steps import build_evaluator, build_writers, prepare_datasets, report, setup_run
 
-from prroi_d2 import add_iounet_config  # noqa: E402
-from prroi_d2.config_checks import check_iounet_config  # noqa: E402
-from prroi_d2.data.augmentation import AerialDatasetMapper, add_aerial_augment_config  # noqa: E402
-from prroi_d2.data.named_decode import (  # noqa: E402
-    EndRunOnDecodeError,
-    ImageDecodeError,
-    NamedDecodeErrors,
-    decode_error_message,
-)
-from prroi_d2.data.preflight import CHECK_IMAGES, INVALID_BOXES, DatasetCheckError, run_preflight  # noqa: E402
-from prroi_d2.engine import IoULearningMonitor, launch  # noqa: E402
-from prroi_d2.engine.checkpoint import (  # noqa: E402
-    CheckpointReadError,
-    SafeCheckpointer,
-    WeightsError,
-    check_frozen_weights_loaded,
-    load_weights_for_eval,
-)
-from prroi_d2.engine.steps import build_evaluator, build_writers, prepare_datasets, report, setup_run  # noqa: E402
+__all__ = ["Trainer", "config_from_args", "main", "setup"]
 
 
 class Trainer(EndRunOnDecodeError, DefaultTrainer):
@@ -108,40 +91,43 @@ class Trainer(EndRunOnDecodeError, DefaultTrainer):
         )
 
 
-def setup(args):
+def config_from_args(args, world_size: int = 1) -> CfgNode:
+    """The frozen config of ``args.config_file`` with ``args.opts`` (``KEY VALUE`` pairs), every value checked:
+    exits with one line naming the file or each bad key. ``world_size``: the number of processes the batch is
+    split over. Without CUDA, a ``cuda`` device from the file (or Detectron2's default) becomes ``cpu``; one given
+    in ``args.opts`` is refused."""
+    problem = config_file_problem(args.config_file)
+    if problem:
+        raise SystemExit(problem)
     cfg = get_cfg()
     add_iounet_config(cfg)
     add_aerial_augment_config(cfg)
     try:
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)
-    except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, type mismatch, odd-length list
+    except (KeyError, ValueError, AssertionError, TypeError, yaml.YAMLError) as e:  # unknown key, type mismatch, ...
         raise SystemExit(f"Config {args.config_file} (and overrides): {e.args[0] if e.args else e}") from None
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
+    device, device_problem = resolve_device("MODEL.DEVICE", cfg.MODEL.DEVICE, "MODEL.DEVICE" in args.opts[0::2])
+    problems = config_problems(cfg, training=not args.eval_only, world_size=world_size)
     try:
-        check_iounet_config(cfg)
+        raise_problems(problems + ([device_problem] if device_problem else []))
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    cfg.MODEL.DEVICE = device
+    cfg.freeze()
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    """:func:`config_from_args` for this process's share of the run, then logging, seeding and the saved config."""
+    cfg = config_from_args(args, world_size=comm.get_world_size())
     setup_run(cfg, args)
     return cfg
 
 
 def main(args):
-    try:
-        if args.config_file.endswith(".py"):  # a LazyConfig: prroi_d2.engine.lazy_train
-            from prroi_d2.engine.lazy_train import main as lazy_main
-
-            return lazy_main(args)
-        return run(args)
-    except (DatasetCheckError, WeightsError, CheckpointReadError) as e:
-        raise SystemExit(str(e)) from None
-    except ImageDecodeError as e:
-        raise SystemExit(decode_error_message(e)) from None
-
-
-def run(args):
+    """``tools/train_net.py --config-file X.yaml [KEY VALUE ...]``: train (``--resume``: continue the last
+    checkpoint) or ``--eval-only`` evaluate ``MODEL.WEIGHTS``, then report."""
     cfg = setup(args)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     prepare_datasets(names, args.register, replace=args.register_replace)
@@ -157,48 +143,3 @@ def run(args):
     if comm.is_main_process():
         report(cfg.OUTPUT_DIR, list(cfg.DATASETS.TEST))
     return results
-
-
-def invoke_main() -> None:
-    parser = default_argument_parser()
-    parser.add_argument(
-        "--register",
-        nargs=3,
-        action="append",
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset (repeatable); name it in DATASETS.TRAIN / DATASETS.TEST",
-    )
-    parser.add_argument("--register-replace", action="store_true", help="--register may replace a registered name")
-    parser.add_argument(
-        "--check-images",
-        choices=CHECK_IMAGES,
-        default="header",
-        help="pre-flight image check: header (default: size and mode from the file header), full (decode every "
-        "image), none",
-    )
-    parser.add_argument(
-        "--invalid-boxes",
-        choices=INVALID_BOXES,
-        default="error",
-        help="boxes with NaN/inf, negative width/height or fully outside their image in a training set: error "
-        "(default) or drop them with a warning",
-    )
-    parser.add_argument(
-        "--allow-partial-weights",
-        action="store_true",
-        help="--eval-only: evaluate even if some model keys are missing from the checkpoint or skipped",
-    )
-    args = parser.parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
-
-
-if __name__ == "__main__":
-    invoke_main()
