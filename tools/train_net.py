@@ -11,8 +11,8 @@
         DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)' MODEL.ROI_HEADS.NUM_CLASSES 3   # own data
 
 A YAML config is trained by prroi_d2/engine/yaml_train.py, a LazyConfig ``.py`` by prroi_d2/engine/lazy_train.py;
-the config is checked here once before any process starts. Without CUDA, training runs on the CPU; --num-gpus N
-then starts N CPU processes (gloo).
+either checks the config before anything is built (with several processes, this tool checks it before they start).
+Without CUDA, training runs on the CPU; --num-gpus N then starts N CPU processes (gloo).
 """
 
 import os
@@ -78,7 +78,9 @@ def argument_parser():
 def invoke_main() -> None:
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    trainer_of(args.config_file).config_from_args(args, world_size=args.num_gpus * args.num_machines)
+    world_size = args.num_gpus * args.num_machines
+    if world_size > 1:  # checked before the processes start (a single process checks it first thing in main)
+        trainer_of(args.config_file).config_from_args(args, world_size=world_size)
     launch(
         main,
         args.num_gpus,
