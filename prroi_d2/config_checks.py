@@ -1,165 +1,273 @@
-"""``check_iounet_config(cfg)``: every ``MODEL.IOU_NET`` value checked for type and range from the config alone,
-before the model is built, so a bad value fails in the first second rather than at evaluation.
+"""Config values checked for type and range from the config alone, before any model is built, with the same rules
+on both config paths: a YAML ``CfgNode`` and a LazyConfig.
 
-Each key of ``add_iounet_config`` has a rule in ``RULES`` (a test keeps the two in step); keys without a rule (added
-by other code) are left to their own checks.
+* IoU-Net options: the rules of :data:`prroi_d2.options.OPTIONS`, on ``MODEL.IOU_NET.<key>`` (YAML) and on
+  ``model.roi_heads.iou_branch.<arg>`` (LazyConfig), plus the registered names and the refinement pooler.
+* Detectron2 settings that fail late or cryptically (``SETTINGS``): iterations, checkpoint period, batch size and its
+  split over the processes, learning-rate steps, detections per image, number of classes, device.
+
+``config_problems(cfg)`` / ``lazy_config_problems(cfg)`` list every problem as one line naming the key;
+``raise_problems`` raises them as one ``ValueError``.
 """
 
-import math
-from typing import Callable, Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Tuple
 
-__all__ = ["RULES", "check_iounet_config"]
+from prroi_d2.options import OPTIONS, Rule, integer
 
+__all__ = [
+    "PRROI_POOLERS",
+    "SETTINGS",
+    "Setting",
+    "check_iounet_config",
+    "config_problems",
+    "lazy_config_problems",
+    "raise_problems",
+    "resolve_device",
+]
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_float(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _bool():
-    return (lambda v: isinstance(v, bool)), "a bool (True or False)"
-
-
-def _int(low: int):
-    return (lambda v: _is_int(v) and v >= low), f"an integer >= {low}"
+PRROI_POOLERS = ("PrRoIPool", "PrRoIPoolV2")  # the pooler types with a gradient with respect to the box coordinates
+LAZY_BRANCH = "model.roi_heads.iou_branch"  # where lazy_config.with_iou_net puts the IoU branch
 
 
-def _float(test: Callable[[float], bool], text: str):
-    return (lambda v: _is_float(v) and test(v)), f"a finite number {text}"
+def _steps() -> Rule:
+    def test(v) -> bool:
+        v = list(v)
+        return all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in v) and v == sorted(set(v))
+
+    return Rule(test, "increasing integers >= 1 (the iterations at which the learning rate drops)")
 
 
-def _choice(choices):
-    return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+@dataclass(frozen=True)
+class Setting:
+    """A Detectron2 setting checked on both paths: ``key`` of a YAML config, ``lazy`` of a LazyConfig (``*`` stands
+    for every entry of a list, e.g. each box predictor of a cascade); ``training``: checked only when training."""
+
+    key: str
+    lazy: str
+    rule: Rule
+    training: bool
 
 
-def _str_list():
-    return (
-        lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v) and len(set(v)) == len(v)
-    ), "a list of distinct feature names (empty: MODEL.ROI_HEADS.IN_FEATURES)"
+SETTINGS: Tuple[Setting, ...] = (
+    Setting("SOLVER.MAX_ITER", "train.max_iter", integer(1), True),
+    Setting("SOLVER.CHECKPOINT_PERIOD", "train.checkpointer.period", integer(1), True),
+    Setting("SOLVER.IMS_PER_BATCH", "dataloader.train.total_batch_size", integer(1), True),
+    Setting("SOLVER.STEPS", "lr_multiplier.scheduler.milestones", _steps(), True),
+    Setting("TEST.EVAL_PERIOD", "train.eval_period", integer(0), True),
+    Setting("TEST.DETECTIONS_PER_IMAGE", "model.roi_heads.box_predictor.test_topk_per_image", integer(1), False),
+    Setting("TEST.DETECTIONS_PER_IMAGE", "model.roi_heads.box_predictors.*.test_topk_per_image", integer(1), False),
+    Setting("MODEL.ROI_HEADS.NUM_CLASSES", "model.roi_heads.num_classes", integer(1), False),
+)
 
 
-def _unit_range():
-    return (
-        lambda v: (
-            isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_float(x) for x in v) and 0 <= v[0] <= v[1] <= 1
-        )
-    ), "a pair [low, high] with 0 <= low <= high <= 1"
+def raise_problems(problems: List[str]) -> None:
+    """Raise ``ValueError`` listing ``problems`` one per line (nothing if there are none)."""
+    if problems:
+        raise ValueError("Invalid config value(s):\n  " + "\n  ".join(problems))
 
 
-def _list_of(test: Callable, text: str):
-    return (
-        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(test(x) for x in v)
-    ), f"a non-empty list of {text}"
-
-
-def _nonempty_str():
-    return (lambda v: isinstance(v, str) and bool(v)), "a non-empty string"
-
-
-# key (under MODEL.IOU_NET) -> (test, what a valid value is)
-RULES: Dict[str, Tuple[Callable, str]] = {
-    "TRAIN_ONLY_IOU_HEAD": _bool(),
-    "OUTPUT_STAGES": _bool(),
-    "IN_FEATURES": _str_list(),
-    "POOLER_TYPE": _nonempty_str(),
-    "POOLER_RESOLUTION": _int(1),
-    "HEAD.NAME": _nonempty_str(),
-    "HEAD.NUM_FC": _int(0),
-    "HEAD.FC_DIM": _int(1),
-    "HEAD.CLS_AGNOSTIC": _bool(),
-    "HEAD.LOSS_TYPE": _choice(("smooth_l1", "bce")),
-    "HEAD.SMOOTH_L1_BETA": _float(lambda v: v >= 0, ">= 0"),
-    "HEAD.LOSS_WEIGHT": _float(lambda v: v >= 0, ">= 0"),
-    "HEAD.PRED_INIT_STD": _float(lambda v: v >= 0, ">= 0"),
-    "HEAD.NORM": _choice(("", "LN")),
-    "HEAD.NUM_CONV": _int(0),
-    "HEAD.CONV_DIM": _int(1),
-    "HEAD.TARGET": _choice(("iou", "decoupled")),
-    "JITTER.NUM_PER_IMAGE": _int(1),
-    "JITTER.NUM_BINS": _int(1),
-    "JITTER.MIN_IOU": _float(lambda v: 0 <= v < 1, "in [0, 1)"),
-    "JITTER.MAX_SHIFT": _float(lambda v: v >= 0, ">= 0"),
-    "JITTER.MAX_SCALE": _float(lambda v: v >= 1, ">= 1"),
-    "JITTER.CANDIDATES_PER_SAMPLE": _int(1),
-    "JITTER.ADD_PROPOSALS": _bool(),
-    "NMS.ENABLED": _bool(),
-    "NMS.IOU_THRESH": _float(lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "NMS.RANK": _choice(("iou", "score_x_iou")),
-    "REFINE.ENABLED": _bool(),
-    "REFINE.STEP": _float(lambda v: v > 0, "> 0 (lambda, the step size)"),
-    "REFINE.MAX_ITER": _int(0),
-    "REFINE.STOP_DELTA": _float(lambda v: v >= 0, ">= 0 (a change of predicted IoU)"),
-    "REFINE.STOP_DROP": _float(lambda v: v <= 0, "<= 0 (a drop of predicted IoU)"),
-    "REFINE.CUDA_GRAPHS": _int(0),
-    "REFINE.ACCEPT_MARGIN": _float(lambda v: v >= 0, ">= 0 (a gain of predicted IoU)"),
-    "REFINE.ACCEPT_IOU_RANGE": _unit_range(),
-    "CALIBRATION.DATASET": ((lambda v: isinstance(v, str)), "a dataset name (empty: no calibration)"),
-    "CALIBRATION.STEPS": _list_of(lambda v: _is_float(v) and v > 0, "numbers > 0"),
-    "CALIBRATION.MAX_ITERS": _list_of(lambda v: _is_int(v) and v >= 1, "integers >= 1"),
-    "CALIBRATION.MARGINS": _list_of(lambda v: _is_float(v) and v >= 0, "numbers >= 0"),
-    "CALIBRATION.IOU_RANGES": _list_of(lambda v: _unit_range()[0](v), "pairs [low, high], 0 <= low <= high <= 1"),
-    "TF32": _bool(),
-    "SCORE": _choice(("cls", "iou", "cls_x_iou")),
-}
+# ----------------------------------------------------------------------------------------------------------------
+# YAML (CfgNode)
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _lookup(node, dotted: str):
     for part in dotted.split("."):
-        if part not in node:
+        if not hasattr(node, "keys") or part not in node:
             raise KeyError(dotted)
         node = node[part]
     return node
-
-
-def _cross_checks(cfg) -> List[str]:
-    iou = cfg.MODEL.IOU_NET
-    problems = []
-    if iou.REFINE.ENABLED and iou.POOLER_TYPE not in ("PrRoIPool", "PrRoIPoolV2"):
-        problems.append(
-            f"MODEL.IOU_NET.REFINE.ENABLED needs MODEL.IOU_NET.POOLER_TYPE PrRoIPool or PrRoIPoolV2 (got "
-            f"{iou.POOLER_TYPE!r}: other poolers have no gradient with respect to the box coordinates)"
-        )
-    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    if not _is_int(num_classes) or num_classes < 1:
-        problems.append(f"MODEL.ROI_HEADS.NUM_CLASSES must be an integer >= 1, got {num_classes!r}")
-    return problems
 
 
 def check_iounet_config(cfg) -> None:
     """Raise ``ValueError`` listing every ``MODEL.IOU_NET`` value of the wrong type or out of range (with the key,
     the value and what is expected); nothing if ``cfg`` has no ``MODEL.IOU_NET``. Also checks the registered
     names (IoU head, pooler type) and that refinement has a Precise RoI Pooling pooler."""
+    raise_problems(_iounet_problems(cfg))
+
+
+def _iounet_problems(cfg) -> List[str]:
     if "IOU_NET" not in cfg.MODEL:
-        return
+        return []
     problems = []
-    for key, (test, expected) in RULES.items():
+    for option in OPTIONS:
         try:
-            value = _lookup(cfg.MODEL.IOU_NET, key)
+            value = _lookup(cfg.MODEL.IOU_NET, option.key)
         except KeyError:
             continue
-        if not test(value):
-            problems.append(f"MODEL.IOU_NET.{key} must be {expected}, got {value!r}")
-    if not problems:
-        problems += _registered_names(cfg) + _cross_checks(cfg)
+        problems.append(option.rule.problem(f"MODEL.IOU_NET.{option.key}", value))
+    problems = [p for p in problems if p]
     if problems:
-        raise ValueError("Invalid config value(s):\n  " + "\n  ".join(problems))
+        return problems
+    iou = cfg.MODEL.IOU_NET
+    problems += _pooler_problems("MODEL.IOU_NET.POOLER_TYPE", iou.POOLER_TYPE)
+    problems += _head_name_problems(iou.HEAD.NAME)
+    if iou.REFINE.ENABLED and iou.POOLER_TYPE not in PRROI_POOLERS:
+        problems.append(_refine_pooler_problem("MODEL.IOU_NET.REFINE.ENABLED", "MODEL.IOU_NET.POOLER_TYPE", iou))
+    return problems
 
 
-def _registered_names(cfg) -> List[str]:
+def config_problems(cfg, *, training: bool = True, world_size: int = 1) -> List[str]:
+    """Every problem of the YAML config ``cfg``: its IoU-Net options and :data:`SETTINGS` (those of training only
+    if ``training``), and ``SOLVER.IMS_PER_BATCH`` divisible by ``world_size`` processes."""
+    problems = _iounet_problems(cfg)
+    for setting in SETTINGS:
+        if setting.training and not training:
+            continue
+        try:
+            value = _lookup(cfg, setting.key)
+        except KeyError:
+            continue
+        problem = setting.rule.problem(setting.key, value)
+        if problem and problem not in problems:
+            problems.append(problem)
+    if training and not problems:
+        problems += _split_problems("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH, world_size)
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LazyConfig (OmegaConf DictConfig)
+# ----------------------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _select(cfg, key: str) -> Iterator[Tuple[str, Any]]:
+    """``(key, value)`` of every node ``key`` names in the LazyConfig ``cfg`` (``*``: each entry of a list or
+    dict), with interpolations resolved and containers as plain lists / dicts; nothing where a key is absent."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    head, star, tail = key.partition(".*.")
+    if not star:
+        try:
+            value = OmegaConf.select(cfg, key, default=_MISSING)
+        except Exception:  # an interpolation that does not resolve: Detectron2 reports it when it builds the node
+            return
+        if value is _MISSING:
+            return
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        yield key, value
+        return
+    parent = OmegaConf.select(cfg, head, default=None)
+    if isinstance(parent, ListConfig):
+        names = [str(i) for i in range(len(parent))]
+    elif isinstance(parent, DictConfig):
+        names = list(parent.keys())
+    else:
+        return
+    for name in names:
+        yield from _select(cfg, f"{head}.{name}.{tail}")
+
+
+def _lazy_iounet_problems(cfg) -> List[str]:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(cfg, LAZY_BRANCH, default=None) is None:
+        return []
+    problems = []
+    for option in OPTIONS:
+        if option.arg is None:
+            continue
+        for key, value in _select(cfg, f"{LAZY_BRANCH}.{option.arg}"):
+            problems.append(option.rule.problem(key, value))
+    problems = [p for p in problems if p]
+    if problems:
+        return problems
+    pooler_key, refine_key = f"{LAZY_BRANCH}.pooler.pooler_type", f"{LAZY_BRANCH}.refine_enabled"
+    pooler_type = dict(_select(cfg, pooler_key)).get(pooler_key)
+    if pooler_type is not None:
+        problems += _pooler_problems(pooler_key, pooler_type)
+        if dict(_select(cfg, refine_key)).get(refine_key) and pooler_type not in PRROI_POOLERS:
+            problems.append(_refine_pooler_problem(refine_key, pooler_key, None, pooler_type))
+    return problems
+
+
+def lazy_config_problems(cfg, *, training: bool = True, world_size: int = 1) -> List[str]:
+    """Every problem of the LazyConfig ``cfg``: the IoU-Net option rules on ``model.roi_heads.iou_branch.*`` and
+    :data:`SETTINGS` at their LazyConfig keys (those of training only if ``training``), and
+    ``dataloader.train.total_batch_size`` divisible by ``world_size`` processes."""
+    problems = _lazy_iounet_problems(cfg)
+    for setting in SETTINGS:
+        if setting.training and not training:
+            continue
+        for key, value in _select(cfg, setting.lazy):
+            problem = setting.rule.problem(key, value)
+            if problem:
+                problems.append(problem)
+    batch_key = "dataloader.train.total_batch_size"
+    batch = dict(_select(cfg, batch_key)).get(batch_key)
+    if training and not problems and batch is not None:
+        problems += _split_problems(batch_key, batch, world_size)
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _split_problems(key: str, batch: int, world_size: int) -> List[str]:
+    if world_size > 1 and batch % world_size:
+        return [
+            f"{key} ({batch}) must be divisible by the number of processes ({world_size}: --num-gpus x "
+            "--num-machines); every process loads an equal share of the batch"
+        ]
+    return []
+
+
+def _refine_pooler_problem(refine_key: str, pooler_key: str, iou=None, pooler_type: Optional[str] = None) -> str:
+    pooler_type = iou.POOLER_TYPE if iou is not None else pooler_type
+    return (
+        f"{refine_key} needs {pooler_key} PrRoIPool or PrRoIPoolV2 (got {pooler_type!r}: other poolers have no "
+        "gradient with respect to the box coordinates)"
+    )
+
+
+def _pooler_problems(key: str, pooler_type: str) -> List[str]:
     from detectron2.modeling.poolers import ROIPooler  # noqa: F401 - the pooler registry wraps its __init__
 
     from prroi_d2.modeling import poolers
+
+    if poolers._is_detectron2_pooler_type(pooler_type) or pooler_type in poolers._install():
+        return []
+    return [f"{key} {pooler_type!r} is not a known pooler type"]
+
+
+def _head_name_problems(name: str) -> List[str]:
     from prroi_d2.modeling.iou_head import IOU_HEAD_REGISTRY
 
-    iou = cfg.MODEL.IOU_NET
-    problems = []
-    if iou.HEAD.NAME not in IOU_HEAD_REGISTRY:
-        names = sorted(name for name, _ in IOU_HEAD_REGISTRY)
-        problems.append(f"MODEL.IOU_NET.HEAD.NAME {iou.HEAD.NAME!r} is not in IOU_HEAD_REGISTRY ({', '.join(names)})")
-    known = poolers._is_detectron2_pooler_type(iou.POOLER_TYPE) or iou.POOLER_TYPE in poolers._install()
-    if not known:
-        problems.append(f"MODEL.IOU_NET.POOLER_TYPE {iou.POOLER_TYPE!r} is not a known pooler type")
-    return problems
+    if name in IOU_HEAD_REGISTRY:
+        return []
+    names = sorted(n for n, _ in IOU_HEAD_REGISTRY)
+    return [f"MODEL.IOU_NET.HEAD.NAME {name!r} is not in IOU_HEAD_REGISTRY ({', '.join(names)})"]
+
+
+def resolve_device(key: str, value: Any, explicit: bool) -> Tuple[str, Optional[str]]:
+    """``(device, problem)`` for the device setting ``key`` (``MODEL.DEVICE`` / ``train.device``) of ``value``.
+    ``cpu``, ``cuda`` and ``cuda:N`` are devices; without a CUDA GPU, a ``cuda`` device from a config file (or
+    Detectron2's default) becomes ``cpu`` (the CPU workflow), one given on the command line (``explicit``) is a
+    problem, as is an index past the visible GPUs."""
+    import torch
+
+    devices = "a device: 'cpu', 'cuda' or 'cuda:N'"
+    try:
+        device = torch.device(value) if isinstance(value, str) else None
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return str(value), f"{key} must be {devices}, got {value!r}"
+    if device.type == "cpu":
+        return value, None
+    if not torch.cuda.is_available():
+        if explicit:
+            return value, (
+                f"{key} is {value!r} but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); set it to "
+                "'cpu' (or leave it unset: the CPU is used when there is no GPU)"
+            )
+        return "cpu", None
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return value, f"{key} is {value!r} but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)"
+    return value, None

@@ -12,7 +12,7 @@ The model's ``StandardROIHeads`` / ``CascadeROIHeads`` become ``IoUNetROIHeads``
 those keys carry over. ``configs/lazy/`` has complete configs built this way.
 """
 
-import inspect
+import copy
 
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
@@ -22,7 +22,7 @@ from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.utils.registry import locate
 
 from prroi_d2.modeling import IoUBranch, IoUHead, IoUNetCascadeROIHeads, IoUNetRCNN, IoUNetROIHeads
-from prroi_d2.modeling.iou_branch import DEFAULT_JITTER
+from prroi_d2.options import ARG_DEFAULTS
 
 __all__ = ["iou_branch", "with_iou_net"]
 
@@ -31,16 +31,21 @@ _IOU_NET_HEADS = {StandardROIHeads: IoUNetROIHeads, CascadeROIHeads: IoUNetCasca
 
 def iou_branch(
     *,
-    pooler_type: str = "PrRoIPoolV2",
-    pooler_resolution: int = 7,
-    num_fc: int = 2,
-    fc_dim: int = 1024,
+    pooler_type: str = ARG_DEFAULTS["pooler"]["pooler_type"],
+    pooler_resolution: int = ARG_DEFAULTS["pooler"]["output_size"],
+    num_fc: int = ARG_DEFAULTS["iou_head"]["num_fc"],
+    fc_dim: int = ARG_DEFAULTS["iou_head"]["fc_dim"],
     output_stages: bool = True,
     **options,
 ):
     """A lazy :class:`IoUBranch` for the ROI heads it is placed in (as ``roi_heads.iou_branch``): features, pooler
     scales and class count are those of the heads' box branch, channels those of ``model.backbone.out_channels``.
-    ``options``: further ``IoUBranch`` arguments (``nms_rank="score_x_iou"``, ``refine_step=1.0``, ...)."""
+    Every option of :data:`prroi_d2.options.OPTIONS` is a key, with its default (``jitter.*``, ``iou_head.*``,
+    ``pooler.pooler_type``, ``pooler.output_size`` included). ``options``: further ``IoUBranch`` arguments
+    (``nms_rank="score_x_iou"``, ``refine_step=1.0``, ...); ``output_stages`` is on (every stage evaluated)."""
+    defaults = copy.deepcopy(ARG_DEFAULTS)
+    del defaults["in_features"], defaults["pooler"]  # the box head's features; the pooler's keys are set below
+    head = {**defaults.pop("iou_head"), "num_fc": num_fc, "fc_dim": fc_dim}
     return L(IoUBranch)(
         in_features="${..box_in_features}",
         pooler=L(ROIPooler)(
@@ -55,17 +60,10 @@ def iou_branch(
                 channels="${.....backbone.out_channels}", height=pooler_resolution, width=pooler_resolution
             ),
             num_classes="${...num_classes}",
-            num_fc=num_fc,
-            fc_dim=fc_dim,
+            **head,
         ),
-        **{**_branch_defaults(), "jitter": dict(DEFAULT_JITTER), "output_stages": output_stages, **options},
+        **{**defaults, "output_stages": output_stages, **options},
     )
-
-
-def _branch_defaults():
-    """Every optional argument of ``IoUBranch`` with its default (all keys visible, and overridable, in a config)."""
-    params = inspect.signature(IoUBranch.__init__).parameters.values()
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 def with_iou_net(model, **branch_options):

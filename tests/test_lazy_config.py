@@ -192,3 +192,34 @@ def test_lazy_training_names_an_image_that_does_not_decode(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Cannot decode image {path} of dataset 'broken': OSError: image file is truncated"), last
+
+
+def test_lazy_values_are_checked_before_training_with_their_keys(tmp_path):
+    """Issue 31 item 5: the YAML path's rules on the LazyConfig path, one line per key, before anything is built."""
+    config = os.path.join(REPO, "configs", "lazy", "iounet_synthetic_R18.py")
+    overrides = ["model.roi_heads.iou_branch.refine_step=-1.0", "model.roi_heads.iou_branch.nms_thresh=1.5",
+                 "train.max_iter=abc", f"train.output_dir={tmp_path / 'out'}"]  # fmt: skip
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config, *overrides]
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in printed and "Starting training" not in printed, printed[-3000:]
+    assert proc.stderr.strip().splitlines()[-4:] == [
+        f"{config}: Invalid config value(s):",
+        "  model.roi_heads.iou_branch.nms_thresh must be a finite number in [0, 1], got 1.5",
+        "  model.roi_heads.iou_branch.refine_step must be a finite number > 0 (lambda, the step size), got -1.0",
+        "  train.max_iter must be an integer >= 1, got 'abc'",
+    ]
+    assert not (tmp_path / "out").exists()  # refused before the run's folder was made
+
+
+def test_a_lazy_config_that_does_not_load_is_named(tmp_path):
+    """A LazyConfig copied away from configs/lazy/ (its relative imports stay behind) or with a syntax error."""
+    with open(os.path.join(REPO, "configs", "lazy", "iounet_synthetic_R18.py")) as f:
+        (tmp_path / "copied.py").write_text(f.read())
+    (tmp_path / "syntax.py").write_text("model = dict(\n")
+    for name, cause in (("copied.py", "ImportError: "), ("syntax.py", "SyntaxError: ")):
+        with pytest.raises(SystemExit) as info:
+            load_config(str(tmp_path / name), [])
+        assert str(info.value).startswith(f"Config file {tmp_path / name} does not load: {cause}"), str(info.value)
+        assert "\n" not in str(info.value)

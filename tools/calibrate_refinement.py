@@ -19,17 +19,24 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import train_net  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from train_net import argument_parser  # noqa: E402
 
-from prroi_d2.data.preflight import DatasetCheckError, run_preflight  # noqa: E402
+from prroi_d2.data.preflight import run_preflight  # noqa: E402
+from prroi_d2.engine import launch  # noqa: E402
 from prroi_d2.engine.calibration import calibrate_and_save  # noqa: E402
-from prroi_d2.engine.checkpoint import CheckpointReadError, WeightsError, load_weights_for_eval  # noqa: E402
-from prroi_d2.engine.steps import prepare_datasets  # noqa: E402
+from prroi_d2.engine.checkpoint import load_weights_for_eval  # noqa: E402
+from prroi_d2.engine.steps import one_line_errors, prepare_datasets  # noqa: E402
+from prroi_d2.engine.yaml_train import Trainer, setup  # noqa: E402
 
 
 def main(args):
-    cfg = train_net.setup(args)
+    with one_line_errors():
+        return calibrate(args)
+
+
+def calibrate(args):
+    cfg = setup(args)
     dataset = args.dataset or cfg.MODEL.IOU_NET.CALIBRATION.DATASET
     if not dataset:
         raise SystemExit(
@@ -40,18 +47,15 @@ def main(args):
             f"calibrate_refinement: {dataset} is a reporting split (DATASETS.TEST): calibrate on a held-out split "
             "the model did not train on and that does not report"
         )
-    try:
-        prepare_datasets([dataset], args.register, replace=args.register_replace)
-        cal = cfg.clone()
-        cal.defrost()
-        cal.DATASETS.TEST = (dataset,)
-        cal.DATASETS.TRAIN = ()
-        run_preflight(cal, eval_only=True, check_images=args.check_images, invalid_boxes="error")
-        model = train_net.Trainer.build_model(cfg)
-        load_weights_for_eval(model, cfg, resume=args.resume, allow_partial=args.allow_partial_weights)
-    except (DatasetCheckError, WeightsError, CheckpointReadError) as e:
-        raise SystemExit(str(e)) from None
-    loader = train_net.Trainer.build_test_loader(cfg, dataset)
+    prepare_datasets([dataset], args.register, replace=args.register_replace)
+    held_out = cfg.clone()
+    held_out.defrost()
+    held_out.DATASETS.TEST = (dataset,)
+    held_out.DATASETS.TRAIN = ()
+    run_preflight(held_out, eval_only=True, check_images=args.check_images, invalid_boxes="error")
+    model = Trainer.build_model(cfg)
+    load_weights_for_eval(model, cfg, resume=args.resume, allow_partial=args.allow_partial_weights)
+    loader = Trainer.build_test_loader(cfg, dataset)
     chosen = calibrate_and_save(model, cfg, dataset, loader, cfg.OUTPUT_DIR)
     if comm.is_main_process():
         print(f"chosen on {dataset}: {chosen.name}; written to {os.path.join(cfg.OUTPUT_DIR, 'config.yaml')}")
@@ -59,13 +63,13 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = train_net.build_argument_parser()
+    parser = argument_parser()
     parser.add_argument(
         "--dataset", default="", help="the held-out dataset (default MODEL.IOU_NET.CALIBRATION.DATASET)"
     )
     args = parser.parse_args()
     args.eval_only = True
-    train_net.launch(
+    launch(
         main,
         args.num_gpus,
         num_machines=args.num_machines,

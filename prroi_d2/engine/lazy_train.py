@@ -1,7 +1,8 @@
 """Training and evaluation from a LazyConfig ``.py`` (the path ``tools/train_net.py`` takes for ``--config-file
-X.py``), as Detectron2's ``lazyconfig_train_net.py``: ``LazyConfig.load``, trailing ``key=value`` overrides,
-``instantiate`` of ``model``, ``optimizer``, ``dataloader.train`` / ``test``, a ``SimpleTrainer`` (``AMPTrainer``
-with ``train.amp.enabled``) with Detectron2's hooks. Dataset registration, the evaluator, the checkpointer, seeding
+X.py``), as Detectron2's ``lazyconfig_train_net.py``: ``LazyConfig.load``, trailing ``key=value`` overrides, every
+value checked with the YAML path's rules (:mod:`prroi_d2.config_checks`), ``instantiate`` of ``model``,
+``optimizer``, ``dataloader.train`` / ``test``, a ``SimpleTrainer`` (``AMPTrainer`` with ``train.amp.enabled``) with
+Detectron2's hooks. Dataset registration, the evaluator, the checkpointer, seeding
 and the report are the YAML path's (:mod:`prroi_d2.engine.steps`).
 
 Config keys read: ``model``, ``optimizer``, ``lr_multiplier``, ``dataloader.{train,test,evaluator}``, ``train.{
@@ -26,6 +27,8 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from prroi_d2.config_checks import lazy_config_problems, raise_problems, resolve_device
+from prroi_d2.config_files import config_file_problem
 from prroi_d2.data.named_decode import EndRunOnDecodeError, NamedDecodeErrors
 from prroi_d2.data.preflight import run_preflight
 from prroi_d2.engine.checkpoint import check_frozen_weights_loaded, load_weights_for_eval
@@ -33,22 +36,44 @@ from prroi_d2.engine.checkpoint_hook import PeriodicCheckpointer
 from prroi_d2.engine.iou_learning_monitor import IoULearningMonitor
 from prroi_d2.engine.steps import build_checkpointer, build_writers, prepare_datasets, report, setup_run
 
-__all__ = ["apply_overrides", "do_test", "do_train", "load_config", "main"]
+__all__ = ["apply_overrides", "config_from_args", "do_test", "do_train", "load_config", "main"]
 
 logger = logging.getLogger("prroi_d2.lazy_train")
 _MISSING = object()
 
 
-def load_config(config_file: str, overrides: List[str]) -> DictConfig:
-    """``LazyConfig.load(config_file)`` with ``overrides`` applied; the device falls back to the CPU without CUDA."""
-    cfg = LazyConfig.load(config_file)
+def load_config(config_file: str, overrides: List[str], *, training: bool = True, world_size: int = 1) -> DictConfig:
+    """``LazyConfig.load(config_file)`` with ``overrides`` applied and every value checked (the IoU-Net option rules
+    of the YAML path on ``model.roi_heads.iou_branch.*``, Detectron2's settings, those of training only if
+    ``training``; the batch split over ``world_size`` processes): exits with one line naming the file or each bad
+    key. Without CUDA, a ``cuda`` device from the file becomes ``cpu``; ``train.device=cuda`` given as an override
+    is refused."""
+    problem = config_file_problem(config_file)
+    if problem:
+        raise SystemExit(problem)
+    try:
+        cfg = LazyConfig.load(config_file)
+    except Exception as e:  # the config's own code: a syntax error, an import that does not resolve, ...
+        cause = e.__cause__ if isinstance(e.__cause__, SyntaxError) else e
+        raise SystemExit(f"Config file {config_file} does not load: {type(cause).__name__}: {cause}") from None
     for key in ("model", "train", "dataloader"):
         if key not in cfg:
             raise SystemExit(f"{config_file}: a LazyConfig for tools/train_net.py needs a top-level {key!r}")
     apply_overrides(cfg, overrides, config_file)
-    if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
-        cfg.train.device = "cpu"
+    explicit = any(o.split("=", 1)[0].strip().lstrip("+~") == "train.device" for o in overrides)
+    device, device_problem = resolve_device("train.device", cfg.train.get("device", "cuda"), explicit)
+    problems = lazy_config_problems(cfg, training=training, world_size=world_size)
+    try:
+        raise_problems(problems + ([device_problem] if device_problem else []))
+    except ValueError as e:
+        raise SystemExit(f"{config_file}: {e}") from None
+    cfg.train.device = device
     return cfg
+
+
+def config_from_args(args, world_size: int = 1) -> DictConfig:
+    """:func:`load_config` of ``args.config_file`` with ``args.opts`` (``--eval-only``: no training settings)."""
+    return load_config(args.config_file, list(args.opts), training=not args.eval_only, world_size=world_size)
 
 
 def apply_overrides(cfg: DictConfig, overrides: List[str], config_file: str = "the config") -> DictConfig:
@@ -213,7 +238,7 @@ def _dataset_names(node) -> List[str]:
 def main(args):
     """``tools/train_net.py --config-file X.py [key=value ...]``: train (or ``--eval-only``: evaluate
     ``train.init_checkpoint``) and report as the YAML path does."""
-    cfg = load_config(args.config_file, list(args.opts))
+    cfg = config_from_args(args, world_size=comm.get_world_size())
     setup_run(cfg, args)
     test_names = _dataset_names(cfg.dataloader.test)
     train_names = [] if args.eval_only else _dataset_names(cfg.dataloader.train)

@@ -1,11 +1,13 @@
-"""The steps both configuration paths of ``tools/train_net.py`` (YAML ``CfgNode`` and LazyConfig ``.py``) share:
-dataset registration and the missing-data message, the evaluator, checkpoint loading, seeding and the final report.
+"""The steps both trainers of ``tools/train_net.py`` (:mod:`~prroi_d2.engine.yaml_train` for YAML ``CfgNode``
+configs, :mod:`~prroi_d2.engine.lazy_train` for LazyConfig ``.py`` files) share: dataset registration and the
+missing-data message, the evaluator, checkpoint loading, seeding, one-line errors and the final report.
 """
 
+import contextlib
 import importlib.util
 import logging
 import os
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_setup, default_writers
@@ -28,6 +30,7 @@ __all__ = [
     "build_evaluator",
     "build_writers",
     "missing_data_message",
+    "one_line_errors",
     "prepare_datasets",
     "register_datasets",
     "report",
@@ -70,35 +73,65 @@ def register_datasets(
             raise SystemExit(str(e)) from None
 
 
-def missing_data_message(names: Iterable[str]) -> Optional[str]:
-    """One message naming everything missing for the COCO-format datasets ``names``, or None if all is there."""
+def missing_data_message(names: Iterable[str], registered: Iterable[str] = ()) -> Optional[str]:
+    """One message naming everything missing for the COCO-format datasets ``names``, or None if all is there.
+    Datasets in ``registered`` (``--register NAME JSON IMAGE_ROOT``) are the user's own: their missing files are
+    named with the ``--register`` argument that gave them; the COCO download steps are offered only for
+    Detectron2's built-in ``coco_*`` datasets."""
     names = list(names)
+    registered = set(registered)
     unknown = [name for name in names if name not in DatasetCatalog.list()]
     if unknown:
         return f"Datasets not registered: {', '.join(unknown)} (register them, e.g. with --register NAME JSON DIR)."
-    missing = []
+    own, builtin, other = [], [], []
     for name in dict.fromkeys(names):
         meta = MetadataCatalog.get(name)
-        missing += [p for p in (meta.get("json_file"), meta.get("image_root")) if p and not os.path.exists(p)]
-    if not missing:
-        return None
-    root = os.environ.get("DETECTRON2_DATASETS", "datasets")
-    return (
-        f"Dataset files not found: {', '.join(missing)}.\n"
-        f"COCO is expected in Detectron2's layout under $DETECTRON2_DATASETS (now {root!r}):\n"
-        "  coco/annotations/instances_{train,val}2017.json, coco/train2017/, coco/val2017/\n"
-        "Download COCO 2017 there, or run on the embedded synthetic dataset instead:\n"
-        f"  python tools/train_net.py --config-file {SYNTHETIC_CONFIG}"
-    )
+        for what, path in (("JSON", meta.get("json_file")), ("IMAGE_ROOT", meta.get("image_root"))):
+            if not path or os.path.exists(path):
+                continue
+            if name in registered:
+                own.append(f"--register {name}: {what} {path} does not exist")
+            elif name.startswith("coco_"):
+                builtin.append(path)
+            else:
+                other.append(f"dataset {name!r}: {path} does not exist")
+    parts = ["Dataset files not found:\n  " + "\n  ".join(own + other)] if own or other else []
+    if builtin:
+        root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+        parts.append(
+            f"Dataset files not found: {', '.join(builtin)}.\n"
+            f"COCO is expected in Detectron2's layout under $DETECTRON2_DATASETS (now {root!r}):\n"
+            "  coco/annotations/instances_{train,val}2017.json, coco/train2017/, coco/val2017/\n"
+            "Download COCO 2017 there, or run on the embedded synthetic dataset instead:\n"
+            f"  python tools/train_net.py --config-file {SYNTHETIC_CONFIG}"
+        )
+    return "\n".join(parts) or None
 
 
 def prepare_datasets(names: Iterable[str], coco_format=(), replace: bool = False) -> None:
     """:func:`register_datasets`, then exit with :func:`missing_data_message` if anything is missing."""
     names = list(names)
     register_datasets(names, coco_format, replace)
-    message = missing_data_message(names)
+    message = missing_data_message(names, registered=[entry[0] for entry in coco_format or ()])
     if message is not None:
         raise SystemExit(message)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Inside the block, the errors of bad input found during a run (a dataset check, weights, an unreadable
+    checkpoint, an image that fails to decode) end the program with their one-line message instead of a
+    traceback."""
+    from prroi_d2.data.named_decode import ImageDecodeError, decode_error_message
+    from prroi_d2.data.preflight import DatasetCheckError
+    from prroi_d2.engine.checkpoint import CheckpointReadError, WeightsError
+
+    try:
+        yield
+    except (DatasetCheckError, WeightsError, CheckpointReadError) as e:
+        raise SystemExit(str(e)) from None
+    except ImageDecodeError as e:
+        raise SystemExit(decode_error_message(e)) from None
 
 
 def build_evaluator(dataset_name: str, output_dir: str, mask_on: bool = False, max_dets_per_image: int = 100):

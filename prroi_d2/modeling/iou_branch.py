@@ -28,21 +28,14 @@ from prroi_d2.modeling.iou_head import build_iou_head, coverage_factors
 from prroi_d2.modeling.poolers import pool_levels, pool_rois
 from prroi_d2.modeling.refine_acceptance import accept_refinement
 from prroi_d2.modeling.refinement import refine_boxes
+from prroi_d2.options import ARG_DEFAULTS, config_arguments
 
 __all__ = ["DEFAULT_JITTER", "IoUBranch", "STAGES"]
 
 STAGES = ("baseline", "iou_nms", "refined")
 NMS_RANKS = ("iou", "score_x_iou")
 SCORE_MODES = ("cls", "iou", "cls_x_iou")
-DEFAULT_JITTER = {
-    "num_samples": 128,
-    "num_bins": 5,
-    "min_iou": 0.5,
-    "max_shift": 0.3,
-    "max_scale": 1.6,
-    "candidates_per_sample": 8,
-    "add_proposals": False,
-}
+DEFAULT_JITTER = ARG_DEFAULTS["jitter"]  # the box sampler's keywords (MODEL.IOU_NET.JITTER), from prroi_d2.options
 
 
 class IoUBranch(nn.Module):
@@ -63,21 +56,21 @@ class IoUBranch(nn.Module):
         pooler: ROIPooler,
         iou_head: nn.Module,
         jitter: Optional[Dict[str, float]] = None,
-        train_only_iou_head: bool = False,
-        output_stages: bool = False,
-        nms_enabled: bool = True,
-        nms_thresh: float = 0.5,
-        nms_rank: str = "iou",
-        refine_enabled: bool = True,
-        refine_step: float = 0.5,
-        refine_max_iter: int = 5,
-        refine_stop_delta: float = 0.001,
-        refine_stop_drop: float = -0.01,
-        refine_cuda_graphs: int = 8,
-        refine_accept_margin: float = 0.0,
-        refine_accept_iou_range: Sequence[float] = (0.0, 1.0),
-        tf32: bool = True,
-        score_mode: str = "cls",
+        train_only_iou_head: bool = ARG_DEFAULTS["train_only_iou_head"],
+        output_stages: bool = ARG_DEFAULTS["output_stages"],
+        nms_enabled: bool = ARG_DEFAULTS["nms_enabled"],
+        nms_thresh: float = ARG_DEFAULTS["nms_thresh"],
+        nms_rank: str = ARG_DEFAULTS["nms_rank"],
+        refine_enabled: bool = ARG_DEFAULTS["refine_enabled"],
+        refine_step: float = ARG_DEFAULTS["refine_step"],
+        refine_max_iter: int = ARG_DEFAULTS["refine_max_iter"],
+        refine_stop_delta: float = ARG_DEFAULTS["refine_stop_delta"],
+        refine_stop_drop: float = ARG_DEFAULTS["refine_stop_drop"],
+        refine_cuda_graphs: int = ARG_DEFAULTS["refine_cuda_graphs"],
+        refine_accept_margin: float = ARG_DEFAULTS["refine_accept_margin"],
+        refine_accept_iou_range: Sequence[float] = ARG_DEFAULTS["refine_accept_iou_range"],
+        tf32: bool = ARG_DEFAULTS["tf32"],
+        score_mode: str = ARG_DEFAULTS["score_mode"],
     ):
         super().__init__()
         if nms_rank not in NMS_RANKS:
@@ -118,50 +111,28 @@ class IoUBranch(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        iou = cfg.MODEL.IOU_NET
-        in_features = list(iou.IN_FEATURES) or list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+        """Every keyword from ``MODEL.IOU_NET`` through the table :data:`prroi_d2.options.OPTIONS`; the pooler reads
+        the box head's sampling ratio, the IoU head is ``MODEL.IOU_NET.HEAD.NAME`` built from ``cfg``."""
+        kwargs = config_arguments(cfg.MODEL.IOU_NET)
+        in_features = list(kwargs.pop("in_features")) or list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
         unknown = [f for f in in_features if f not in input_shape]
         if unknown:
             raise ValueError(f"MODEL.IOU_NET.IN_FEATURES: {unknown} not among the backbone's {sorted(input_shape)}")
         channels = {input_shape[f].channels for f in in_features}
         if len(channels) != 1:
             raise ValueError(f"MODEL.IOU_NET.IN_FEATURES must have one channel count, got {sorted(channels)}")
-        resolution = iou.POOLER_RESOLUTION
-        pooler = ROIPooler(
-            output_size=resolution,
-            scales=tuple(1.0 / input_shape[f].stride for f in in_features),
-            sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
-            pooler_type=iou.POOLER_TYPE,
-        )
-        jitter = {
-            "num_samples": iou.JITTER.NUM_PER_IMAGE,
-            "num_bins": iou.JITTER.NUM_BINS,
-            "min_iou": iou.JITTER.MIN_IOU,
-            "max_shift": iou.JITTER.MAX_SHIFT,
-            "max_scale": iou.JITTER.MAX_SCALE,
-            "candidates_per_sample": iou.JITTER.CANDIDATES_PER_SAMPLE,
-            "add_proposals": iou.JITTER.ADD_PROPOSALS,
-        }
+        pooler = kwargs.pop("pooler")
+        kwargs.pop("iou_head")  # IoUHead.from_config reads them
+        resolution = pooler["output_size"]
         return {
+            **kwargs,
             "in_features": in_features,
-            "pooler": pooler,
+            "pooler": ROIPooler(
+                **pooler,
+                scales=tuple(1.0 / input_shape[f].stride for f in in_features),
+                sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+            ),
             "iou_head": build_iou_head(cfg, ShapeSpec(channels=channels.pop(), height=resolution, width=resolution)),
-            "jitter": jitter,
-            "train_only_iou_head": iou.TRAIN_ONLY_IOU_HEAD,
-            "output_stages": iou.OUTPUT_STAGES,
-            "nms_enabled": iou.NMS.ENABLED,
-            "nms_thresh": iou.NMS.IOU_THRESH,
-            "nms_rank": iou.NMS.RANK,
-            "refine_enabled": iou.REFINE.ENABLED,
-            "refine_step": iou.REFINE.STEP,
-            "refine_max_iter": iou.REFINE.MAX_ITER,
-            "refine_stop_delta": iou.REFINE.STOP_DELTA,
-            "refine_stop_drop": iou.REFINE.STOP_DROP,
-            "refine_cuda_graphs": iou.REFINE.CUDA_GRAPHS,
-            "refine_accept_margin": iou.REFINE.ACCEPT_MARGIN,
-            "refine_accept_iou_range": tuple(iou.REFINE.ACCEPT_IOU_RANGE),
-            "tf32": iou.TF32,
-            "score_mode": iou.SCORE,
         }
 
     @property

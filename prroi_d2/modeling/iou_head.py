@@ -127,21 +127,14 @@ class IoUHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
-        head = cfg.MODEL.IOU_NET.HEAD
+        """``num_classes`` from ``MODEL.ROI_HEADS``; every other keyword from ``MODEL.IOU_NET.HEAD`` through the
+        table :data:`prroi_d2.options.OPTIONS` (its ``iou_head.*`` arguments)."""
+        from prroi_d2.options import config_arguments
+
         return {
             "input_shape": input_shape,
             "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-            "num_fc": head.NUM_FC,
-            "fc_dim": head.FC_DIM,
-            "class_agnostic": head.CLS_AGNOSTIC,
-            "loss_type": head.LOSS_TYPE,
-            "smooth_l1_beta": head.SMOOTH_L1_BETA,
-            "loss_weight": head.LOSS_WEIGHT,
-            "pred_init_std": head.PRED_INIT_STD,
-            "norm": head.NORM,
-            "num_conv": head.NUM_CONV,
-            "conv_dim": head.CONV_DIM,
-            "target": head.TARGET,
+            **config_arguments(cfg.MODEL.IOU_NET)["iou_head"],
         }
 
     def forward(self, x: Tensor) -> Tensor:
