@@ -1,6 +1,6 @@
 """The IoU head learns on the main job: the seed that once stalled it (its first FC layer died in warm-up) trains
-the demo config for 300 iterations on the CPU with a loss ratio <= 0.7, through tools/check_iou_learning.py (a real
-training process, its metrics.json read back). About 2.5 minutes on 2 cores."""
+the demo config for 300 iterations on the CPU with a loss ratio <= 0.7, through
+tools/experiments/check_iou_learning.py (a real training process, its metrics.json read back)."""
 
 import json
 import os
@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_config_learns_with_the_seed_that_stalled(tmp_path):
     table = tmp_path / "table.json"
-    tool = os.path.join(ROOT, "tools", "check_iou_learning.py")
+    tool = os.path.join(ROOT, "tools", "experiments", "check_iou_learning.py")
     command = [sys.executable, tool, "--seeds", "18661646", "--iters", "300", "--at", "100", "200", "300",
                "--output-dir", str(tmp_path), "--json", str(table)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1500)
