@@ -10,10 +10,12 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 import zlib
 
 import numpy as np
 
+from prroi_d2.data.paths import default_datasets_root  # also importable from here, as before
 from prroi_d2.data.synthetic_render import SYNTHETIC_CLASSES, render_synthetic_image
 
 __all__ = [
@@ -94,13 +96,6 @@ def generate_synthetic_coco(root, split, num_images, seed=0, image_size=(160, 19
     return json_path
 
 
-def default_datasets_root():
-    """``$PRROI_D2_DATASETS`` if set, else ``~/.cache/prroi_d2/datasets``."""
-    return os.environ.get("PRROI_D2_DATASETS") or os.path.join(
-        os.path.expanduser("~"), ".cache", "prroi_d2", "datasets"
-    )
-
-
 def _stamp(split, num_images, seed, image_size):
     params = {"version": SYNTHETIC_VERSION, "split": split, "num_images": int(num_images), "seed": int(seed)}
     params["image_size"] = [int(v) for v in image_size]
@@ -120,8 +115,8 @@ def prepare_synthetic_split(root, split, num_images, seed=0, image_size=(160, 19
     """Make sure ``<root>/<split>`` and ``<root>/<split>.json`` hold the requested data; returns the json path.
 
     Reuses them when ``<root>/<split>.stamp`` matches the parameters, else generates into a temporary sibling and
-    renames it into place. Several processes may call this at once: they generate the same bytes and a process that
-    loses the race to install its copy uses the winner's.
+    renames it into place, and prints how many seconds that took. Several processes may call this at once: they
+    generate the same bytes and a process that loses the race to install its copy uses the winner's.
     """
     stamp = _stamp(split, num_images, seed, image_size)
     json_path = os.path.join(root, f"{split}.json")
@@ -129,8 +124,11 @@ def prepare_synthetic_split(root, split, num_images, seed=0, image_size=(160, 19
         return json_path
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=root)
+    start = time.perf_counter()
     try:
         generate_synthetic_coco(tmp, split, num_images, seed, image_size)
+        seconds = time.perf_counter() - start
+        print(f"prroi_d2: generated the synthetic split {split!r} ({num_images} images) in {seconds:.1f} s", flush=True)
         with open(os.path.join(tmp, f"{split}.stamp"), "w", encoding="utf-8") as f:
             f.write(stamp + "\n")
         if not _is_current(root, split, stamp):
