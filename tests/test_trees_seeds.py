@@ -39,7 +39,7 @@ def test_parallel_limit_and_runs_not_started_before_the_time_limit(tmp_path):
     commands = [[sys.executable, "-c", stamp, str(m), s] for m, s in zip(marks, ["0.5", "60", "60", "0"])]
     logs = [str(tmp_path / f"{i}.log") for i in range(4)]
     ended = []
-    finished = runner.run_processes(commands, logs, parallel=2, time_limit=4.0, grace=2.0,
+    finished = runner.run_processes(commands, logs, parallel=2, time_limit=2.5, grace=1.0,
                                     on_exit=lambda i, f: ended.append(i))  # fmt: skip
     assert [f.returncode for f in finished] == [0, -signal.SIGINT, -signal.SIGINT, None]
     assert float(marks[2].read_text()) >= float(marks[0].read_text()) + 0.5  # waited for a free slot
