@@ -43,17 +43,16 @@ def test_glue_registers_when_detectron2_modeling_came_first():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_add_iounet_config_registers_everything():
-    proc = _python("from prroi_d2 import add_iounet_config\n" + REGISTERED)
-    assert proc.returncode == 0, proc.stderr
-
-
-def test_spawned_workers_see_the_registered_types(tmp_path):
+def test_add_iounet_config_registers_everything_and_spawned_workers_see_the_registered_types(tmp_path):
+    """One script: its main process checks that ``from prroi_d2 import add_iounet_config`` registers everything; the
+    worker it spawns, which re-imports only the script's top (``import prroi_d2``), sees the registered types."""
     script = tmp_path / "spawn_check.py"
     script.write_text(
         "import multiprocessing as mp\nimport prroi_d2\n\n\ndef check(_):\n"
         + textwrap.indent(REGISTERED, "    ")
         + "    return True\n\n\nif __name__ == '__main__':\n"
+        + "    from prroi_d2 import add_iounet_config\n"
+        + textwrap.indent(REGISTERED, "    ")
         + "    with mp.get_context('spawn').Pool(1) as pool:\n        assert pool.map(check, [0]) == [True]\n"
     )
     proc = subprocess.run(
