@@ -8,6 +8,7 @@ Build in place with ``python setup.py build_ext --inplace`` or install with ``pi
 
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -34,6 +35,12 @@ def _extensions():
     return [CppExtension("prroi_d2._C", sources, extra_compile_args=extra, **kwargs)]
 
 
+def _version():
+    """``prroi_d2.__version__``, read from the source (importing the package would load torch and the ops)."""
+    with open(os.path.join(HERE, "prroi_d2", "__init__.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.MULTILINE).group(1)
+
+
 def _cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
@@ -42,7 +49,7 @@ def _cmdclass():
 
 setup(
     name="prroi_d2",
-    version="0.1.0",
+    version=_version(),
     description="Precise RoI Pooling (CPU/CUDA, differentiable in box coordinates) and IoU-Net for Detectron2",
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",

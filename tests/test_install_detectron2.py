@@ -1,8 +1,9 @@
 """Tests of tools/install_detectron2.py with real pip and the real pb1-detectron2 sdist (no mocks).
 
 Installs go to temporary --target folders or a throwaway venv, never into the Python running the tests, so the
-tests hold whether or not that Python already has Detectron2. The sdist is looked up at
-<repo>/../shared/deps/pb1-detectron2-0.6.tar.gz; tests that need it are skipped when it is absent.
+tests hold whether or not that Python already has Detectron2. The sdist is ``$PRROI_D2_DETECTRON2_SDIST`` if set, else
+the one tools/dev_env.sh keeps in the environment running the tests (``<venv>/downloads/pb1-detectron2-0.6.tar.gz``);
+tests that need it are skipped, saying where it was looked for, only when it could not be fetched.
 """
 
 import importlib.util
@@ -18,11 +19,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALLER = REPO / "tools" / "install_detectron2.py"
-SDIST = REPO.parent / "shared" / "deps" / "pb1-detectron2-0.6.tar.gz"
+SDIST = Path(
+    os.environ.get("PRROI_D2_DETECTRON2_SDIST") or Path(sys.prefix) / "downloads" / "pb1-detectron2-0.6.tar.gz"
+)
 DIST_INFO = "pb1_detectron2-0.6+pure.dist-info"
 ERROR_PREFIX = "install_detectron2: error: step "
 
-needs_sdist = pytest.mark.skipif(not SDIST.is_file(), reason=f"pb1-detectron2 sdist not found at {SDIST}")
+NO_SDIST = f"pb1-detectron2 sdist not found at {SDIST} (tools/dev_env.sh keeps it; or set PRROI_D2_DETECTRON2_SDIST)"
+needs_sdist = pytest.mark.skipif(not SDIST.is_file(), reason=NO_SDIST)
 
 # Run in a subprocess with the installed Detectron2 first on the path; prints one JSON line of facts.
 PROBE = r"""
@@ -123,7 +127,7 @@ def load_installer():
 def site(tmp_path_factory):
     """The pb1 route run once: --sdist into a fresh --target folder; returns (target, installer stdout)."""
     if not SDIST.is_file():
-        pytest.skip(f"pb1-detectron2 sdist not found at {SDIST}")
+        pytest.skip(NO_SDIST)
     target = tmp_path_factory.mktemp("d2site")
     result = run_installer("--sdist", SDIST, "--target", target, "--no-deps", "--force")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import threading
 import uuid
 
@@ -183,7 +184,7 @@ def _state(root, split):
     return {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in paths}
 
 
-def test_cache_reused_and_regenerated_when_stale(tmp_path, monkeypatch):
+def test_cache_reused_and_regenerated_when_stale(tmp_path, monkeypatch, capsys):
     generated = []
     real_generate = synthetic.generate_synthetic_coco
 
@@ -194,10 +195,14 @@ def test_cache_reused_and_regenerated_when_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "generate_synthetic_coco", counting_generate)
     root = str(tmp_path)
     json_path = prepare_synthetic_split(root, "train", 4)
+    printed = capsys.readouterr().out
+    said = r"prroi_d2: generated the synthetic split 'train' \(4 images\) in \d+\.\d s\n"
+    assert re.fullmatch(said, printed), printed
     before = _state(root, "train")
     assert len(before) == 5 and len(generated) == 1
     assert prepare_synthetic_split(root, "train", 4) == json_path
     assert _state(root, "train") == before and len(generated) == 1  # reused: nothing generated or rewritten
+    assert capsys.readouterr().out == ""  # and nothing said
 
     stamp = os.path.join(root, "train.stamp")
     good = open(stamp).read()

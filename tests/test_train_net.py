@@ -77,10 +77,29 @@ def coco_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(coco_root, tmp_path_factory):
+    """One run serves several tests: 9 iterations (checkpoints every 3), killed with SIGKILL once its first
+    checkpoint is written, then continued with ``--resume`` to the end, where it evaluates every stage. Returns the
+    output folder, the resumed process and the checkpoint it resumed from."""
     out = tmp_path_factory.mktemp("train")
-    proc = _run(_tiny(out, 6), coco_root)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+    env = dict(os.environ, DETECTRON2_DATASETS=str(coco_root), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cfg = os.path.join(REPO, "configs", "iounet_R50.yaml")
+    args = _tiny(out, 9)
+    proc = subprocess.Popen([sys.executable, TRAIN_NET, "--config-file", cfg, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoint = out / "model_0000002.pth"
+    deadline = time.time() + 300
+    while not (checkpoint.exists() and (out / "last_checkpoint").exists()) and time.time() < deadline:
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model_final.pth").exists()
+    saved = torch.load(out / (out / "last_checkpoint").read_text().strip(), weights_only=False)
+
+    resumed = _run(["--resume", *args], coco_root)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return out, resumed, saved
 
 
 def _pycocotools_stats(gt_json, results_json):
@@ -95,7 +114,7 @@ def _pycocotools_stats(gt_json, results_json):
 
 
 def test_train_then_evaluate_every_stage(trained, coco_root):
-    out, proc = trained
+    out, proc, _ = trained
     assert os.path.exists(out / "model_final.pth")
     folder = out / "inference"
     with open(folder / "iounet_stages.json") as f:
@@ -113,8 +132,8 @@ def test_train_then_evaluate_every_stage(trained, coco_root):
 
 
 def test_eval_only_on_the_coco_layout_reproduces_the_table(trained, coco_root, tmp_path):
-    out, _ = trained
-    proc = _run(["--eval-only", *_tiny(tmp_path, 6, "MODEL.WEIGHTS", str(out / "model_final.pth"))], coco_root)
+    out, _, _ = trained
+    proc = _run(["--eval-only", *_tiny(tmp_path, 9, "MODEL.WEIGHTS", str(out / "model_final.pth"))], coco_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "inference" / "iounet_stages.json") as f:
         trained_table = json.load(f)
@@ -139,27 +158,10 @@ def test_two_process_cpu_training(coco_root, tmp_path):
     assert os.path.exists(tmp_path / "model_final.pth")
 
 
-def test_killed_run_resumes_where_it_stopped(coco_root, tmp_path):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(coco_root), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    cfg = os.path.join(REPO, "configs", "iounet_R50.yaml")
-    args = _tiny(tmp_path, 9, "DATASETS.TEST", "()")
-    proc = subprocess.Popen([sys.executable, TRAIN_NET, "--config-file", cfg, *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    checkpoint = tmp_path / "model_0000002.pth"
-    deadline = time.time() + 300
-    while not (checkpoint.exists() and (tmp_path / "last_checkpoint").exists()) and time.time() < deadline:
-        assert proc.poll() is None, "training ended before its first checkpoint"
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "model_final.pth").exists()
-    saved = torch.load(tmp_path / (tmp_path / "last_checkpoint").read_text().strip(), weights_only=False)
-
-    resumed = _run(["--resume", *args], coco_root)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+def test_killed_run_resumes_where_it_stopped(trained):
+    out, resumed, saved = trained
     assert f"Starting training from iteration {saved['iteration'] + 1}" in resumed.stdout + resumed.stderr
-    final = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["iteration"] == 8
     # The checkpoint the run resumed from held the optimizer's momentum too, and the LR schedule continued:
     # 9 scheduler steps in all, and the rate after the decay step at iteration 4.

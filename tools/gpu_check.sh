@@ -2,13 +2,13 @@
 # One call on the GPU machine (see README, "GPU tests and benchmarks"): set up, build with CUDA, then run the steps
 # named on the command line: tests (pytest -m cuda), sanitize (compute-sanitizer memcheck + racecheck on the CUDA
 # op tests), ptx (a second build in a copy of the checkout with TORCH_CUDA_ARCH_LIST="8.0+PTX", which the GPU runs
-# by JIT-compiling compute_80 PTX, and the CUDA op tests on it), bench (tools/benchmark_op.py), profile (ncu summary
+# by JIT-compiling compute_80 PTX, and the CUDA op tests on it), bench (tools/experiments/benchmark_op.py), profile (ncu summary
 # of every kernel on the benchmark workload), or a quoted command. Logs go to $OUT (or ./gpu-logs) when set.
 # SKIP_DETECTRON2=1 skips installing Detectron2.
 #
 #   bash tools/gpu_check.sh tests sanitize bench
 #
-# Expects the wheels of ../shared/deps/gpu and the pb1-detectron2 sdist copied into .gpu/ (README says how).
+# Expects the pb1-detectron2 sdist and the wheels of the Python packages the machine lacks in .gpu/ (README says how).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${OUT:-gpu-logs}
@@ -76,7 +76,7 @@ for what in "$@"; do
       step "ncu (one call of each kernel per FPN level, 1000 RoIs, 7x7 then 14x14)"
       ncu --kernel-name regex:"roi_align_forward|forward_kernel|features_backward_kernel|rois_backward_kernel" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section MemoryWorkloadAnalysis python3 tools/benchmark_op.py --profile --rois 1000 --sizes 7 14 \
+        --section MemoryWorkloadAnalysis python3 tools/experiments/benchmark_op.py --profile --rois 1000 --sizes 7 14 \
         > "$LOG_DIR/ncu.log" 2>&1 || status=1
       grep -E "^  [a-z_:<>, ()0-9A-Za-z]+\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|L1/TEX Hit|L2 Hit" \
         "$LOG_DIR/ncu.log" | sed -E 's/void prroi_d2::cuda::\(anonymous namespace\)::|void at::native::\(anonymous namespace\)::|void vision::ops::\(anonymous namespace\)::|\(int, const T1 \*.*//' \
@@ -97,7 +97,7 @@ e.load(); print('8.0+PTX build: kernels run as compute', torch.ops.prroi_d2._cud
         | tee "$LOG_DIR/cuda_tests_ptx.log" | tail -25 || status=1 ;;
     bench)
       step "benchmark"
-      python3 tools/benchmark_op.py --device cuda 2>&1 | tee "$LOG_DIR/benchmark.log" || status=1 ;;
+      python3 tools/experiments/benchmark_op.py --device cuda 2>&1 | tee "$LOG_DIR/benchmark.log" || status=1 ;;
     *)
       step "$what"
       bash -c "$what" || status=1 ;;

@@ -3,8 +3,11 @@
 ``prroi_d2.data.synthetic`` writes the embedded synthetic COCO-format shapes dataset (rendered by
 ``synthetic_render`` from the outlines of ``synthetic_shapes``) and registers it with Detectron2
 (:func:`register_synthetic_datasets`); ``prroi_d2.data.neon_trees`` fetches and converts the NEON tree-crown
-imagery (:func:`register_neon_trees_datasets`). ``prroi_d2.data.augmentation`` (imports Detectron2; not re-exported
-here) holds the aerial augmentations and their dataset mapper.
+imagery (:func:`register_neon_trees_datasets`). Both read the datasets root from ``prroi_d2.data.paths``; the
+tree-crown tiles and the aerial augmentation share the rule for boxes cut by a window (``prroi_d2.data.boxes``).
+``prroi_d2.data.augmentation`` (imports Detectron2; not re-exported here) holds the aerial augmentations and their
+dataset mapper; ``coco_checks`` / ``preflight`` check COCO files before training; ``register`` and ``named_decode``
+register a user's COCO files and name an image that fails to decode.
 """
 
 from prroi_d2.data import neon_trees, synthetic

@@ -6,7 +6,7 @@ rescale of the crop by a factor drawn uniformly in ``SCALE_RANGE`` (imagery has 
 upsampled), flips both ways and a random multiple of 90 degrees (a view from above has no "up"). Testing rescales
 whole images by ``TEST_SCALE``.
 
-A box cut by the crop edge follows the datasets' rule (``prroi_d2.data.neon_trees.clip_to_window``): clipped to the
+A box cut by the crop edge follows the datasets' rule (``prroi_d2.data.boxes.clip_to_window``): clipped to the
 crop and kept when at least ``MIN_VISIBLE`` of its area remains, else dropped (:class:`AerialDatasetMapper`).
 """
 
@@ -130,7 +130,7 @@ class AerialDatasetMapper(DatasetMapper):
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
         from detectron2.structures import BoxMode
 
-        from prroi_d2.data.neon_trees import clip_to_window
+        from prroi_d2.data.boxes import clip_to_window
 
         annos = [a for a in dataset_dict["annotations"] if a.get("iscrowd", 0) == 0]
         if annos:

@@ -10,10 +10,12 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 import zlib
 
 import numpy as np
 
+from prroi_d2.data.paths import default_datasets_root  # also importable from here, as before
 from prroi_d2.data.preflight import DatasetCheckError
 from prroi_d2.data.synthetic_render import SYNTHETIC_CLASSES, render_synthetic_image
 
@@ -95,23 +97,6 @@ def generate_synthetic_coco(root, split, num_images, seed=0, image_size=(160, 19
     return json_path
 
 
-def default_datasets_root():
-    """``$PRROI_D2_DATASETS`` if set, else ``~/.cache/prroi_d2/datasets``. A path that is (or lies under) a file
-    raises :class:`~prroi_d2.data.preflight.DatasetCheckError` naming the variable."""
-    root = os.environ.get("PRROI_D2_DATASETS")
-    if not root:
-        return os.path.join(os.path.expanduser("~"), ".cache", "prroi_d2", "datasets")
-    existing = os.path.abspath(root)
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise DatasetCheckError(
-            f"PRROI_D2_DATASETS={root!r}: {existing} is a file, not a folder (point PRROI_D2_DATASETS at a folder "
-            "for the generated datasets, or unset it for ~/.cache/prroi_d2/datasets)"
-        )
-    return root
-
-
 def _make_temp_folder(root, split):
     """A temporary folder in ``root`` (made if missing); an unwritable place raises :class:`DatasetCheckError`
     naming it and the variable that sets it."""
@@ -144,16 +129,19 @@ def prepare_synthetic_split(root, split, num_images, seed=0, image_size=(160, 19
     """Make sure ``<root>/<split>`` and ``<root>/<split>.json`` hold the requested data; returns the json path.
 
     Reuses them when ``<root>/<split>.stamp`` matches the parameters, else generates into a temporary sibling and
-    renames it into place. Several processes may call this at once: they generate the same bytes and a process that
-    loses the race to install its copy uses the winner's.
+    renames it into place, and prints how many seconds that took. Several processes may call this at once: they
+    generate the same bytes and a process that loses the race to install its copy uses the winner's.
     """
     stamp = _stamp(split, num_images, seed, image_size)
     json_path = os.path.join(root, f"{split}.json")
     if _is_current(root, split, stamp):
         return json_path
     tmp = _make_temp_folder(root, split)
+    start = time.perf_counter()
     try:
         generate_synthetic_coco(tmp, split, num_images, seed, image_size)
+        seconds = time.perf_counter() - start
+        print(f"prroi_d2: generated the synthetic split {split!r} ({num_images} images) in {seconds:.1f} s", flush=True)
         with open(os.path.join(tmp, f"{split}.stamp"), "w", encoding="utf-8") as f:
             f.write(stamp + "\n")
         if not _is_current(root, split, stamp):

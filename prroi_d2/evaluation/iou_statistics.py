@@ -10,6 +10,8 @@ from collections import OrderedDict, defaultdict
 import numpy as np
 from pycocotools.coco import COCO
 
+from prroi_d2.modeling.stages import RECORD_BOX, RECORD_BOX_INITIAL, RECORD_IOU_OF_BOX, localization_stage
+
 __all__ = [
     "HISTOGRAM_EDGES",
     "MATCH_IOU",
@@ -57,7 +59,7 @@ def _ground_truth_by_image(coco_gt: COCO) -> dict:
     }
 
 
-def best_ground_truth_iou(coco_gt: COCO, records, box_key="bbox") -> np.ndarray:
+def best_ground_truth_iou(coco_gt: COCO, records, box_key=RECORD_BOX) -> np.ndarray:
     """(N,) float64: for each record, the highest IoU of ``record[box_key]`` (XYWH) with a non-crowd ground-truth box
     of the same category in the same image, 0 when there is none. One (D, G) numpy IoU matrix per image."""
     num = len(records)
@@ -84,26 +86,27 @@ def best_ground_truth_iou(coco_gt: COCO, records, box_key="bbox") -> np.ndarray:
     return best
 
 
-def true_and_predicted_iou(coco_gt: COCO, records, box_key="bbox", iou_key=None):
+def true_and_predicted_iou(coco_gt: COCO, records, box_key=RECORD_BOX, iou_key=None):
     """``(true_iou, pred_iou)``: float64 arrays over every record that has ``box_key`` and ``iou_key``.
 
-    ``iou_key`` (the record field of the predicted IoU) defaults to ``"iou"`` for ``box_key="bbox"`` and
-    ``"iou_initial"`` for ``box_key="bbox_initial"``. True IoU as in :func:`best_ground_truth_iou`.
+    ``iou_key`` (the record field of the predicted IoU) defaults to the one of ``box_key``
+    (:data:`~prroi_d2.modeling.stages.RECORD_IOU_OF_BOX`: ``"iou"`` for ``"bbox"``, ``"iou_initial"`` for
+    ``"bbox_initial"``). True IoU as in :func:`best_ground_truth_iou`.
     """
     if iou_key is None:
-        iou_key = box_key.replace("bbox", "iou")
+        iou_key = RECORD_IOU_OF_BOX[box_key]
     usable = [r for r in records if box_key in r and iou_key in r]
     true_iou = best_ground_truth_iou(coco_gt, usable, box_key=box_key)
     pred_iou = np.asarray([r[iou_key] for r in usable], dtype=np.float64).reshape(-1)
     return true_iou, pred_iou
 
 
-def match_to_ground_truth(coco_gt: COCO, records, box_key="bbox", iou_key=None, min_iou=MATCH_IOU):
+def match_to_ground_truth(coco_gt: COCO, records, box_key=RECORD_BOX, iou_key=None, min_iou=MATCH_IOU):
     """Match each record to the same-category, same-image non-crowd ground-truth box of highest IoU.
 
     Returns ``(true_iou, pred_iou)``, float64 arrays over the matches with true IoU >= ``min_iou``. ``iou_key`` (the
-    record field of the predicted IoU) defaults to ``"iou"`` for ``box_key="bbox"`` and ``"iou_initial"`` for
-    ``box_key="bbox_initial"``; records without ``box_key`` or ``iou_key`` are skipped.
+    record field of the predicted IoU) defaults to the one of ``box_key``, as in :func:`true_and_predicted_iou`;
+    records without ``box_key`` or ``iou_key`` are skipped.
     """
     true_iou, pred_iou = true_and_predicted_iou(coco_gt, records, box_key=box_key, iou_key=iou_key)
     keep = true_iou >= min_iou
@@ -167,7 +170,8 @@ def _flat_keys(agreement, suffix="") -> OrderedDict:
 def localization_statistics(coco_gt: COCO, records):
     """Predicted vs true IoU of every stage; ``records``: OrderedDict stage -> COCO result records (dataset ids).
 
-    The localisation stage is ``"refined"``, else ``"final"``, else the last one; for it the flat keys have no suffix
+    The localisation stage is ``"refined"``, else ``"final"``, else the last one
+    (:func:`~prroi_d2.modeling.stages.localization_stage`); for it the flat keys have no suffix
     (final boxes) or ``_initial`` (boxes before refinement: ``bbox_initial`` / ``iou_initial``), for every stage the
     suffix ``_<stage>``. Keys: ``iou_pearson`` / ``mean_abs_iou_error`` / ``num_matches`` over matches (true IoU >=
     0.5), ``iou_pearson_all`` / ``iou_mae_all`` / ``num_detections`` over all detections, ``mean_true_iou`` of the
@@ -177,10 +181,10 @@ def localization_statistics(coco_gt: COCO, records):
     loc = OrderedDict()
     if not records:
         return loc, {}
-    stage = next((n for n in ("refined", "final") if n in records), list(records)[-1])
+    stage = localization_stage(records)
     pairs = OrderedDict((name, true_and_predicted_iou(coco_gt, r)) for name, r in records.items())
     per_stage = OrderedDict((name, iou_agreement(*pair)) for name, pair in pairs.items())
-    true_init, pred_init = true_and_predicted_iou(coco_gt, records[stage], "bbox_initial")
+    true_init, pred_init = true_and_predicted_iou(coco_gt, records[stage], RECORD_BOX_INITIAL)
     final, initial = per_stage[stage], iou_agreement(true_init, pred_init)
     loc.update(_flat_keys(final))
     loc.update(_flat_keys(initial, "_initial"))
@@ -196,7 +200,7 @@ def localization_statistics(coco_gt: COCO, records):
         "final": iou_histogram(true_final[true_final >= MATCH_IOU]),
         "mean_abs_error_final": loc["mean_abs_iou_error"],
     }
-    if any("bbox_initial" in r for r in records[stage]):
+    if any(RECORD_BOX_INITIAL in r for r in records[stage]):
         histogram["initial"] = iou_histogram(true_init[true_init >= MATCH_IOU])
         histogram["mean_abs_error_initial"] = loc["mean_abs_iou_error_initial"]
     return loc, histogram

@@ -26,13 +26,11 @@ from prroi_d2.evaluation.records import instances_to_records
 from prroi_d2.evaluation.reliability import refinement_reliability
 from prroi_d2.evaluation.reports import format_stage_table, write_stage_reports
 from prroi_d2.evaluation.visualize import draw_reliability
+from prroi_d2.modeling.stages import FINAL, sort_stages
 
 __all__ = ["IoUNetEvaluator"]
 
 logger = logging.getLogger(__name__)
-
-# Stages in the order they are listed when found.
-KNOWN_STAGE_ORDER = ("baseline", "iou_nms", "refined", "final")
 
 
 class IoUNetEvaluator(DatasetEvaluator):
@@ -67,12 +65,12 @@ class IoUNetEvaluator(DatasetEvaluator):
 
     def _stage_instances(self, output):
         found = output.get("stages") or {}
-        names = self._stages if self._stages is not None else (list(found) if found else ["final"])
+        names = self._stages if self._stages is not None else (list(found) if found else [FINAL])
         selected = OrderedDict()
         for name in names:
             if name in found:
                 selected[name] = found[name]
-            elif name == "final" and "instances" in output:
+            elif name == FINAL and "instances" in output:
                 selected[name] = output["instances"]
             elif name not in self._warned_missing:
                 self._warned_missing.add(name)
@@ -125,7 +123,7 @@ class IoUNetEvaluator(DatasetEvaluator):
         for pred in predictions:
             names.extend(n for n in pred["stages"] if n not in names)
         if self._stages is None:
-            names.sort(key=lambda n: KNOWN_STAGE_ORDER.index(n) if n in KNOWN_STAGE_ORDER else len(KNOWN_STAGE_ORDER))
+            names = sort_stages(names)
         else:
             names = [n for n in self._stages if n in names]
         img_ids = sorted({p["image_id"] for p in predictions})

@@ -13,6 +13,7 @@ from detectron2.utils.file_io import PathManager
 from prroi_d2.evaluation.coco_stages import COCO_IOU_THRESHOLDS, STAGE_METRICS
 from prroi_d2.evaluation.iou_statistics import MATCH_IOU
 from prroi_d2.evaluation.reliability import format_reliability_table
+from prroi_d2.modeling.stages import localization_stage
 
 __all__ = ["format_stage_table", "json_safe", "plot_ap_vs_iou", "plot_iou_histogram", "write_stage_reports"]
 
@@ -42,7 +43,7 @@ def _localization_rows(results):
     refinement just above it when it has them."""
     loc = results["localization"]
     names = [name for name, _ in _stage_rows(results)]
-    stage = next((n for n in ("refined", "final") if n in names), names[-1] if names else None)  # as the statistics'
+    stage = localization_stage(names)  # as the statistics'
     rows = []
     for name in names:
         if f"iou_pearson_{name}" not in loc:

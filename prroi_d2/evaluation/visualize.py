@@ -15,6 +15,7 @@ import numpy as np
 from detectron2.utils.file_io import PathManager
 
 from prroi_d2.evaluation.reports import _new_figure
+from prroi_d2.modeling.stages import RECORD_BOX, RECORD_BOX_INITIAL, RECORD_IOU, RECORD_IOU_INITIAL
 
 __all__ = ["draw_refinement_examples", "draw_reliability", "select_examples"]
 
@@ -57,10 +58,10 @@ def _read_image(path, width, height):
 
 
 def _label(record):
-    iou = record.get("iou")
+    iou = record.get(RECORD_IOU)
     final = f"{iou:.2f}" if iou is not None else "?"
-    if "bbox_initial" in record:
-        initial = record.get("iou_initial")
+    if RECORD_BOX_INITIAL in record:
+        initial = record.get(RECORD_IOU_INITIAL)
         return (f"{initial:.2f}" if initial is not None else "?") + "\u2192" + final
     return final
 
@@ -104,12 +105,12 @@ def draw_refinement_examples(
             x, y, bw, bh = ann["bbox"]
             ax.add_patch(Rectangle((x, y), bw, bh, fill=False, edgecolor=GT_COLOR, linewidth=2.5))
         for det in dets:
-            if "bbox_initial" in det:
-                x, y, bw, bh = det["bbox_initial"]
+            if RECORD_BOX_INITIAL in det:
+                x, y, bw, bh = det[RECORD_BOX_INITIAL]
                 ax.add_patch(
                     Rectangle((x, y), bw, bh, fill=False, edgecolor=INITIAL_COLOR, linewidth=2.2, linestyle="--")
                 )
-            x, y, bw, bh = det["bbox"]
+            x, y, bw, bh = det[RECORD_BOX]
             ax.add_patch(Rectangle((x, y), bw, bh, fill=False, edgecolor=REFINED_COLOR, linewidth=2.2))
             name = categories.get(det.get("category_id"), "")
             inside = y < 0.06 * h  # no room above the box: label inside it

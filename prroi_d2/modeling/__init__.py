@@ -19,7 +19,8 @@ from prroi_d2.modeling.poolers import (
     registered_pooler_types,
 )
 from prroi_d2.modeling.refinement import refine_boxes
-from prroi_d2.modeling.roi_heads import STAGES, IoUBranchMixin, IoUNetCascadeROIHeads, IoUNetROIHeads
+from prroi_d2.modeling.roi_heads import IoUBranchMixin, IoUNetCascadeROIHeads, IoUNetROIHeads
+from prroi_d2.modeling.stages import STAGES
 
 __all__ = [
     "IOU_HEAD_REGISTRY",

@@ -11,7 +11,8 @@ So ``cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "PrRoIPoolV2"`` (likewise ``ROI_MASK_H
 integrates each bin exactly, so ``sampling_ratio`` is ignored. The poolers hold no parameters: weights trained with
 another pooler type load unchanged.
 
-This module is the one place where Detectron2 is extended. ``ROIPooler.__init__`` is wrapped once (the wrapper
+This module is where Detectron2's ``ROIPooler`` is extended (the README's "Layout" lists the two other places that
+patch Detectron2: the import hook and ``create_ddp_model`` on CPUs). ``ROIPooler.__init__`` is wrapped once (the wrapper
 carries the ``_prroi_d2_pooler_types`` registry and ``__wrapped__`` points at Detectron2's own ``__init__``). For a
 registered type the wrapper runs Detectron2's ``__init__`` as if ``"ROIAlignV2"`` had been asked for (so scales,
 output size and levels are validated and set up by Detectron2 itself), then replaces ``level_poolers`` with one

@@ -9,8 +9,8 @@ from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from prroi_d2.modeling.cuda_graphs import CUDAGraphCache
 from prroi_d2.modeling.detections import select_candidates, top_per_image
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms
-from tools.benchmarks.faster_rcnn import inference_models, row
-from tools.benchmarks.workload import box_head_outputs
+from tools.experiments.benchmarks.faster_rcnn import inference_models, row
+from tools.experiments.benchmarks.workload import box_head_outputs
 
 
 def section_stages(setup, timer, repeat, warmup, checks):

@@ -8,8 +8,8 @@ import os
 import torch
 from detectron2 import model_zoo
 
-from tools.benchmarks.faster_rcnn import row
-from tools.benchmarks.workload import (
+from tools.experiments.benchmarks.faster_rcnn import row
+from tools.experiments.benchmarks.workload import (
     ROOT,
     build,
     calibrate_backbone_and_rpn,
@@ -26,9 +26,9 @@ IOUNET_CASCADE_CONFIG = os.path.join(ROOT, "configs", "iounet_cascade_R50.yaml")
 
 
 def make_realistic_cascade(model, inputs, target, logit_spread=2.0):
-    """:func:`~tools.benchmarks.workload.make_realistic` for Cascade R-CNN: backbone and RPN as there, then each
-    stage's predictor in turn (a stage's boxes are the next one's proposals), each set for ``target`` candidates
-    per image. Returns the last stage's expected candidates per image and the RPN level offsets."""
+    """:func:`~tools.experiments.benchmarks.workload.make_realistic` for Cascade R-CNN: backbone and RPN as there,
+    then each stage's predictor in turn (a stage's boxes are the next one's proposals), each set for ``target``
+    candidates per image. Returns the last stage's expected candidates per image and the RPN level offsets."""
     offsets = calibrate_backbone_and_rpn(model, inputs)
     expected = 0.0
     for predictor in model.roi_heads.box_predictor:

@@ -1,57 +1,78 @@
 #!/usr/bin/env python
 """Train variants of a config over several seeds side by side, then tabulate every IoU-Net stage as mean +- std.
 
-    python tools/seed_table.py --seeds 0 1 2 --parallel 6 --output-dir output/seeds \
+    python tools/experiments/seed_table.py --seeds 0 1 2 --parallel 6 --output-dir output/seeds \
         --variant base configs/iounet_synthetic_R18.yaml \
         --variant bce configs/iounet_synthetic_R18.yaml MODEL.IOU_NET.HEAD.LOSS_TYPE bce \
         --common MODEL.DEVICE cuda
 
-Each (variant, seed) is one ``tools/train_net.py`` process (``SEED s``, ``OUTPUT_DIR <output-dir>/<variant>/seed_s``,
-the variant's then the common ``KEY VALUE`` overrides, where ``{seed}`` stands for the seed, e.g. ``MODEL.WEIGHTS
-output/plain/seed_{seed}/model_final.pth``), at most ``--parallel`` at once. A run that already has its
-``model_final.pth`` and results is not trained again, and one with a ``last_checkpoint`` resumes from it, so a table
-cut short by a time limit is finished by the same command. ``--eval-only`` evaluates the
-runs' ``model_final.pth`` instead (with other overrides, e.g. refinement settings, under ``--tag``). The table reads
-each run's ``inference/[<dataset>/]iounet_stages.json``: per variant and stage, AP, AP50, AP75, AP90 and the IoU
-statistics as mean +- std over the seeds, and the refined-minus-baseline gain per seed. ``--json`` keeps it all.
+Each (variant, seed) is one ``tools/train_net.py`` process of :mod:`tools.experiments.runner` (``SEED s``,
+``OUTPUT_DIR <output-dir>/<variant>/seed_s``, the variant's then the common ``KEY VALUE`` overrides, where ``{seed}``
+stands for the seed, e.g. ``MODEL.WEIGHTS output/plain/seed_{seed}/model_final.pth``), at most ``--parallel`` at
+once. A run that already has its ``model_final.pth`` and results is not trained again, and one with a
+``last_checkpoint`` resumes from it, so a table cut short by a time limit is finished by the same command.
+``--eval-only`` evaluates the runs' ``model_final.pth`` instead (with other overrides, e.g. refinement settings,
+under ``--tag``). The table reads each run's ``inference/[<dataset>/]iounet_stages.json``: per variant and stage,
+AP, AP50, AP75, AP90 and the IoU statistics as mean +- std over the seeds, and the refined-minus-baseline gain per
+seed. ``--json`` keeps it all.
 """
 
 import argparse
 import glob
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:  # run as a script: the repository's packages (prroi_d2, tools) importable
+    sys.path.insert(0, _REPO)
+
+from prroi_d2.modeling.stages import BASELINE, REFINED, STAGE_ORDER  # noqa: E402
+from tools.experiments.runner import ROOT, run_processes, run_state, train_net_command  # noqa: E402
+from tools.experiments.tables import format_mean_std  # noqa: E402
+
 METRICS = ("AP", "AP50", "AP75", "AP90")
 STAGES_FILE = "iounet_stages.json"
+# A job: (variant name, config, seed, KEY VALUE overrides, run folder).
+Job = Tuple[str, str, int, List[str], str]
 
 
-def run_job(name: str, config: str, seed: int, overrides: List[str], out: str, eval_only: bool, tag: str) -> Dict:
-    """Train (or evaluate) one variant with one seed; returns {"seconds", "returncode", "log"}."""
-    command = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config]
+def plan_job(job: Job, eval_only: bool, tag: str) -> Optional[Tuple[List[str], str]]:
+    """``(command, log)`` that trains (or evaluates) one variant with one seed, or None for a run already trained
+    and evaluated. A run cut short resumes from its last checkpoint."""
+    name, config, seed, overrides, out = job
+    args = []
+    state = run_state(out, has_results)
     if eval_only:  # into <run>/eval_<tag> when tagged, so the training's own results stay
         weights, out = os.path.join(out, "model_final.pth"), results_dir(out, eval_only, tag)
-        command += ["--eval-only", "MODEL.WEIGHTS", weights]
-    elif os.path.exists(os.path.join(out, "model_final.pth")) and has_results(out):
+        args += ["--eval-only", "MODEL.WEIGHTS", weights]
+    elif state == "finished":
         print(f"{name} seed {seed}: already trained and evaluated ({out})", flush=True)
-        return {"seconds": None, "returncode": 0, "log": None}
-    elif os.path.exists(os.path.join(out, "last_checkpoint")):
-        command.append("--resume")
+        return None
+    elif state == "cut":
+        args.append("--resume")
     os.makedirs(out, exist_ok=True)
-    extra = ["SEED", str(seed), "OUTPUT_DIR", out]
     log = os.path.join(out, "eval.log" if eval_only else "train.log")
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        done = subprocess.run(command + overrides + extra, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    seconds = time.perf_counter() - start
-    print(f"{name} seed {seed}: exit {done.returncode} after {seconds:.0f} s ({log})", flush=True)
-    return {"seconds": seconds, "returncode": done.returncode, "log": log}
+    return train_net_command(config, *args, *overrides, "SEED", str(seed), "OUTPUT_DIR", out), log
+
+
+def run_jobs(jobs: List[Job], parallel: int, eval_only: bool, tag: str) -> List[Dict]:
+    """Run the jobs that need it, at most ``parallel`` at once; per job ``{"seconds", "returncode", "log"}``
+    (``seconds`` None for a run trained before)."""
+    plans = [plan_job(job, eval_only, tag) for job in jobs]
+    todo = [i for i, plan in enumerate(plans) if plan is not None]
+    outcomes = [{"seconds": None, "returncode": 0, "log": None} for _ in jobs]
+
+    def report(k, finished):
+        i = todo[k]
+        name, _, seed, _, _ = jobs[i]
+        log = plans[i][1]
+        outcomes[i] = {"seconds": finished.seconds, "returncode": finished.returncode, "log": log}
+        print(f"{name} seed {seed}: exit {finished.returncode} after {finished.seconds:.0f} s ({log})", flush=True)
+
+    run_processes([plans[i][0] for i in todo], [plans[i][1] for i in todo], parallel, cwd=ROOT, on_exit=report)
+    return outcomes
 
 
 def results_dir(run: str, eval_only: bool, tag: str) -> str:
@@ -75,14 +96,6 @@ def stage_results(out: str, dataset: str) -> Dict:
     return {}
 
 
-def mean_std(values: List[float]) -> str:
-    values = [v for v in values if isinstance(v, (int, float)) and v == v]
-    if not values:
-        return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} +- {std:.2f}"
-
-
 def table(summary: Dict, seeds: List[int]) -> str:
     lines = []
     for name, runs in summary.items():
@@ -90,28 +103,28 @@ def table(summary: Dict, seeds: List[int]) -> str:
         lines.append(f"\n### {name} ({len(results)} of {len(seeds)} seeds)\n")
         if not results:
             continue
-        stages = [s for s in ("baseline", "iou_nms", "refined", "final") if s in results[0]]
+        stages = [s for s in STAGE_ORDER if s in results[0]]
         lines.append("| stage | " + " | ".join(METRICS) + " |")
         lines.append("|---|" + "---:|" * len(METRICS))
         for stage in stages:
-            cells = [mean_std([r.get(stage, {}).get(m) for r in results]) for m in METRICS]
+            cells = [format_mean_std([r.get(stage, {}).get(m) for r in results]) for m in METRICS]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-        if "refined" in stages and "baseline" in stages:
-            gains = {m: [r["refined"][m] - r["baseline"][m] for r in results] for m in METRICS}
-            lines.append("| refined - baseline | " + " | ".join(mean_std(gains[m]) for m in METRICS) + " |")
+        if REFINED in stages and BASELINE in stages:
+            gains = {m: [r[REFINED][m] - r[BASELINE][m] for r in results] for m in METRICS}
+            lines.append("| refined - baseline | " + " | ".join(format_mean_std(gains[m]) for m in METRICS) + " |")
             per_seed = []
             for s in seeds:
                 stages_s = runs.get(str(s), {}).get("stages")
                 if stages_s:
-                    gain = "/".join(f"{stages_s['refined'][m] - stages_s['baseline'][m]:+.2f}" for m in METRICS)
+                    gain = "/".join(f"{stages_s[REFINED][m] - stages_s[BASELINE][m]:+.2f}" for m in METRICS)
                     per_seed.append(f"{s}: {gain}")
             per_seed = ", ".join(per_seed)
             lines.append(f"\nper seed, refined - baseline {'/'.join(METRICS)}: {per_seed}")
         iou_keys = sorted(k for k in results[0] if k.startswith("iou_") and isinstance(results[0][k], (int, float)))
         if iou_keys:
-            lines.append("\n" + "; ".join(f"{k} {mean_std([r.get(k) for r in results])}" for k in iou_keys))
+            lines.append("\n" + "; ".join(f"{k} {format_mean_std([r.get(k) for r in results])}" for k in iou_keys))
         seconds = [runs[str(s)].get("seconds") for s in seeds if str(s) in runs]  # None: trained before
-        lines.append(f"\nwall time per run: {mean_std(seconds)} s")
+        lines.append(f"\nwall time per run: {format_mean_std(seconds)} s")
     return "\n".join(lines)
 
 
@@ -139,8 +152,7 @@ def main(argv=None) -> int:
     if args.collect:
         done = [{"returncode": 0} for _ in jobs]
     else:
-        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-            done = list(pool.map(lambda j: run_job(*j, args.eval_only, args.tag), jobs))
+        done = run_jobs(jobs, max(1, args.parallel), args.eval_only, args.tag)
 
     summary: Dict[str, Dict] = {}
     for (name, _, seed, _, out), outcome in zip(jobs, done):

@@ -2,24 +2,30 @@
 """Check that the IoU head learns: short trainings of a config (the main job's by default) on the CPU, one per seed,
 with the IoU head's training signal read back from each run's metrics.json.
 
-    python tools/check_iou_learning.py --seeds 18661646 101 102 103 104            # 300 iterations each
-    python tools/check_iou_learning.py --seeds 0 --iters 500 --at 100 300 500 MODEL.IOU_NET.HEAD.LOSS_TYPE bce
+    python tools/experiments/check_iou_learning.py --seeds 18661646 101 102 103 104      # 300 iterations each
+    python tools/experiments/check_iou_learning.py --seeds 0 --iters 500 --at 100 300 500 \
+        MODEL.IOU_NET.HEAD.LOSS_TYPE bce
 
 For each seed it prints ``iou_net/loss_ratio`` (1: no better than a constant predictor, 0: perfect) and
 ``iou_net/train_pearson`` at the iterations of ``--at`` (each the median of the 20 iterations before it, as
 Detectron2's writers smooth them), and exits with status 1 if any seed's loss ratio at the last iteration is above
-``--max-ratio``. Trailing ``KEY VALUE`` pairs override the config, as in tools/train_net.py.
+``--max-ratio``. Trailing ``KEY VALUE`` pairs override the config, as in tools/train_net.py (run by
+:mod:`tools.experiments.runner`).
 """
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Dict, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:  # run as a script: the repository's packages (prroi_d2, tools) importable
+    sys.path.insert(0, _REPO)
+
+from tools.experiments.runner import ROOT, run_processes, train_net_command  # noqa: E402
+
 SIGNALS = ("iou_net/loss_ratio", "iou_net/train_pearson")
 
 
@@ -42,13 +48,11 @@ def train_one(config: str, seed: int, iters: int, output_dir: str, overrides: Li
     metrics = os.path.join(output_dir, "metrics.json")
     if os.path.exists(metrics):
         os.remove(metrics)
-    command = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config,
-               "SEED", str(seed), "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", str(iters),
-               "SOLVER.CHECKPOINT_PERIOD", str(10 * iters), "DATASETS.TEST", "()", "OUTPUT_DIR", output_dir,
-               ] + overrides  # fmt: skip
+    command = train_net_command(config, "SEED", str(seed), "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", str(iters),
+                                "SOLVER.CHECKPOINT_PERIOD", str(10 * iters), "DATASETS.TEST", "()",
+                                "OUTPUT_DIR", output_dir, *overrides)  # fmt: skip
     log = os.path.join(output_dir, "check.log")
-    with open(log, "w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    (done,) = run_processes([command], [log], cwd=ROOT)
     if done.returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]

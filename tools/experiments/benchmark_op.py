@@ -8,8 +8,8 @@ coordinate-only backward, all levels in one ``prroi_pool_levels`` call (and, for
 CUDA times use CUDA events after warm-up (median of --repeat); CPU times use a wall clock
 on a scaled-down workload (--cpu-* options).
 
-    python tools/benchmark_op.py                 # CUDA if available, and CPU
-    python tools/benchmark_op.py --device cpu
+    python tools/experiments/benchmark_op.py                 # CUDA if available, and CPU
+    python tools/experiments/benchmark_op.py --device cpu
 """
 
 import argparse

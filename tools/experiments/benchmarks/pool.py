@@ -7,8 +7,8 @@ import torch
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels, convert_boxes_to_pooler_format
 from detectron2.structures import Boxes
 
-from tools.benchmarks.faster_rcnn import row
-from tools.benchmarks.workload import STRIDES, random_boxes
+from tools.experiments.benchmarks.faster_rcnn import row
+from tools.experiments.benchmarks.workload import STRIDES, random_boxes
 
 
 def pool_features(setup, batch, dtype, gen_seed):

@@ -2,8 +2,8 @@
 """Train a tree-crown config with several seeds side by side, choose the checkpoint on the held-out strip, report
 the validation image (docs/trees.md's table).
 
-    python tools/trees_seeds.py --seeds 0 1 2 --output output/trees_seeds            # one GPU, runs side by side
-    python tools/trees_seeds.py --seeds 0 1 2 --time-limit 240 -- SOLVER.WEIGHT_DECAY 0.0005   # config overrides
+    python tools/experiments/trees_seeds.py --seeds 0 1 2 --output output/trees_seeds     # one GPU, side by side
+    python tools/experiments/trees_seeds.py --seeds 0 1 2 --time-limit 240 -- SOLVER.WEIGHT_DECAY 0.0005
 
 Runs cut by ``--time-limit`` resume from their last checkpoint when the same command is repeated (the evaluations
 on the strip already made are kept); finished runs are not trained again.
@@ -19,37 +19,25 @@ import argparse
 import glob
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
 
-STAGES = ("baseline", "iou_nms", "refined")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:  # run as a script: the repository's packages (prroi_d2, tools) importable
+    sys.path.insert(0, _REPO)
+
+from prroi_d2.modeling.stages import REFINED, STAGES  # noqa: E402
+from tools.experiments.runner import run_processes, run_state, train_net_command  # noqa: E402
+from tools.experiments.tables import format_mean_std  # noqa: E402
+
 METRICS = ("AP", "AP50", "AP75", "AP90")
 
 
-def _run_all(commands, logs, time_limit, grace=30.0):
-    """Start every command at once; SIGINT those still running at ``time_limit`` seconds, SIGKILL those still
-    running ``grace`` seconds later. Returns exit codes."""
-    files = [open(log, "a") for log in logs]
-    procs = [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT) for c, f in zip(commands, files)]
-    deadline = time.monotonic() + time_limit
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(1.0)
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(0.0, deadline + grace - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            codes.append(p.wait())
-    for f in files:
-        f.close()
-    return codes
+def _run_all(commands, logs, time_limit):
+    """Every command at once (logs appended to), interrupted at ``time_limit`` seconds; returns exit codes."""
+    return [f.returncode for f in run_processes(commands, logs, time_limit=time_limit, log_mode="a")]
 
 
 def _holdout_curve(run_dir):
@@ -61,7 +49,7 @@ def _holdout_curve(run_dir):
     with open(path, encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
-            if "refined/AP" in record:
+            if f"{REFINED}/AP" in record:
                 curve[int(record["iteration"])] = {s: record.get(f"{s}/AP") for s in STAGES}
     return curve
 
@@ -74,24 +62,13 @@ def _checkpoint(run_dir, iteration):
     raise FileNotFoundError(f"no checkpoint of iteration {iteration} in {run_dir}")
 
 
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _table(per_seed):
     """Markdown table: one row per stage, mean +- std over seeds of AP, AP50, AP75, AP90 and Pearson."""
     lines = ["| stage | AP | AP50 | AP75 | AP90 | Pearson (matched) | Pearson (all) |", "|---|---|---|---|---|---|---|"]
     for stage in STAGES:
-        cells = []
-        for m in METRICS:
-            mean, std = _mean_std([r["stages"][stage].get(m) for r in per_seed])
-            cells.append("-" if mean is None else f"{mean:.1f} +- {std:.1f}")
+        cells = [format_mean_std([r["stages"][stage].get(m) for r in per_seed], 1, "-") for m in METRICS]
         for key in (f"iou_pearson_{stage}", f"iou_pearson_all_{stage}"):
-            mean, std = _mean_std([r["stages"]["localization"].get(key) for r in per_seed])
-            cells.append("-" if mean is None else f"{mean:.2f} +- {std:.2f}")
+            cells.append(format_mean_std([r["stages"]["localization"].get(key) for r in per_seed], 2, "-"))
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -136,8 +113,6 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, after --")
     args = parser.parse_args()
     opts = [o for o in args.opts if o != "--"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    train_net = [sys.executable, os.path.join(root, "tools", "train_net.py"), "--config-file", args.config_file]
     os.makedirs(args.output, exist_ok=True)
     # Fetch / convert the data once, before the runs start side by side.
     subprocess.run(
@@ -148,9 +123,9 @@ def main():
     runs = [os.path.join(args.output, f"seed{s}") for s in args.seeds]
     # --resume: a run cut by the time limit continues from its last checkpoint when the command is repeated; a
     # finished run (model_final.pth) is not trained again.
-    unfinished = [(s, d) for s, d in zip(args.seeds, runs) if not os.path.exists(os.path.join(d, "model_final.pth"))]
+    unfinished = [(s, d) for s, d in zip(args.seeds, runs) if run_state(d) != "finished"]
     train = [
-        train_net
+        train_net_command(args.config_file)
         + ["--resume", "SEED", str(s), "OUTPUT_DIR", d, "DATASETS.TRAIN", '("neon_trees_train_fit",)']
         + ["DATASETS.TEST", '("neon_trees_train_holdout",)', "TEST.EVAL_PERIOD", str(args.eval_period)]
         + ["SOLVER.CHECKPOINT_PERIOD", str(args.eval_period)]
@@ -167,12 +142,12 @@ def main():
     common = sorted(set.intersection(*(set(c) for c in alive))) if alive else []
     if not common:
         raise SystemExit(f"no held-out evaluation common to the runs (exit codes {codes}); see {args.output}/*.log")
-    chosen = max(common, key=lambda it: statistics.fmean(c[it]["refined"] for c in alive))
+    chosen = max(common, key=lambda it: statistics.fmean(c[it][REFINED] for c in alive))
     runs = [d for d, c in zip(runs, curves) if chosen in c]
     seeds = [s for s, c in zip(args.seeds, curves) if chosen in c]
 
     evals = [
-        train_net
+        train_net_command(args.config_file)
         + ["--eval-only", "MODEL.WEIGHTS", _checkpoint(d, chosen), "OUTPUT_DIR", os.path.join(d, "val")]
         + ["DATASETS.TEST", '("neon_trees_val",)']
         + opts

@@ -4,7 +4,7 @@ import torch
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
-from tools.benchmarks.workload import (
+from tools.experiments.benchmarks.workload import (
     NUM_CLASSES,
     build,
     calibrate_iou_head,

@@ -23,7 +23,7 @@ events after warm-up (the candidates of a section alternate iteration by iterati
           features (what PrRoIPooler would cost without casting them to float32 first).
 * cascade: inference latency, batch 1, 800x1333: Detectron2's stock Cascade R-CNN R50-FPN (box heads ROIAlignV2) vs
           Cascade + IoU-Net (configs/iounet_cascade_R50.yaml), plus Cascade + IoU-Net with ROIAlignV2 box heads;
-          each stage's predictor made realistic in turn (tools/benchmarks/cascade.py).
+          each stage's predictor made realistic in turn (tools/experiments/benchmarks/cascade.py).
 
 Realistic workload from random weights (nothing is downloaded, MODEL.WEIGHTS ""): with frozen BatchNorm, FPN
 features of a random R50 have a standard deviation in the thousands, so the RPN's deltas blow every anchor up to
@@ -36,12 +36,13 @@ proposals, not only the finest with the most anchors) and delta layers, the box 
 the IoU-Net models (strict=False): backbone, RPN and box head are identical, and every model sees the same
 workload. Each section's header prints its counts.
 
-    python3 tools/benchmark_iounet.py                           # CUDA, every section
-    python3 tools/benchmark_iounet.py --only infer,stages --json out.json
-    python3 tools/benchmark_iounet.py --device cuda --only cascade --json cascade.json
-    python3 tools/benchmark_iounet.py --device cpu --tiny       # smoke run: R18, small images, few iterations
+    python3 tools/experiments/benchmark_iounet.py                      # CUDA, every section
+    python3 tools/experiments/benchmark_iounet.py --only infer,stages --json out.json
+    python3 tools/experiments/benchmark_iounet.py --device cuda --only cascade --json cascade.json
+    python3 tools/experiments/benchmark_iounet.py --device cpu --tiny  # smoke run: R18, small images, few iterations
 
-The sections live in tools/benchmarks/ (one module each; workload.py builds the models and the realistic workload).
+The sections live in tools/experiments/benchmarks/ (one module each; workload.py builds the models and the realistic
+workload).
 """
 
 import argparse
@@ -52,7 +53,7 @@ import sys
 import time
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -65,13 +66,13 @@ import torch  # noqa: E402
 
 import prroi_d2  # noqa: E402
 from prroi_d2.evaluation.reports import json_safe  # noqa: E402
-from tools.benchmarks.cascade import section_cascade  # noqa: E402
-from tools.benchmarks.faster_rcnn import section_infer, section_train  # noqa: E402
-from tools.benchmarks.pool import section_pool  # noqa: E402
-from tools.benchmarks.report import print_checks, print_table  # noqa: E402
-from tools.benchmarks.stages import section_stages  # noqa: E402
-from tools.benchmarks.timing import Timer, free_memory  # noqa: E402
-from tools.benchmarks.workload import Setup  # noqa: E402
+from tools.experiments.benchmarks.cascade import section_cascade  # noqa: E402
+from tools.experiments.benchmarks.faster_rcnn import section_infer, section_train  # noqa: E402
+from tools.experiments.benchmarks.pool import section_pool  # noqa: E402
+from tools.experiments.benchmarks.report import print_checks, print_table  # noqa: E402
+from tools.experiments.benchmarks.stages import section_stages  # noqa: E402
+from tools.experiments.benchmarks.timing import Timer, free_memory  # noqa: E402
+from tools.experiments.benchmarks.workload import Setup  # noqa: E402
 
 SECTIONS = ("train", "infer", "stages", "pool", "cascade")
 

@@ -1,5 +1,5 @@
 """Models and inputs of the benchmarks, and the realistic inference workload made from random weights
-(``make_realistic``: see tools/benchmark_iounet.py)."""
+(``make_realistic``: see tools/experiments/benchmark_iounet.py)."""
 
 import math
 import os
@@ -16,7 +16,7 @@ from prroi_d2 import add_iounet_config
 from prroi_d2.modeling.detections import select_candidates
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 PLAIN_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
 IOUNET_CONFIG = os.path.join(ROOT, "configs", "iounet_R50.yaml")
 STRIDES = (4, 8, 16, 32)

@@ -1,2 +1,0 @@
-"""The pieces of tools/benchmark_iounet.py: timing, workload (models, inputs, realistic random weights), one module
-per section (faster_rcnn: train and infer; stages; pool; cascade) and the printed report."""
