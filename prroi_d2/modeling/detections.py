@@ -110,7 +110,7 @@ def sizes_of(images: Tensor, image_sizes: List[Tuple[int, int]], dtype: torch.dt
         sizes = torch.empty((images.size(0), 2), dtype=dtype, device=images.device)
         sizes[:, 0], sizes[:, 1] = image_sizes[0]
         return sizes
-    if any(isinstance(size, Tensor) or isinstance(size[0], Tensor) for size in image_sizes):  # tracing
-        table = torch.stack([torch.stack([torch.as_tensor(v) for v in size]) for size in image_sizes])
-        return table.to(device=images.device, dtype=dtype)[images]
+    if any(isinstance(size, Tensor) or isinstance(size[0], Tensor) for size in image_sizes):  # traced sizes
+        rows = [size if isinstance(size, Tensor) else torch.stack(list(size)) for size in image_sizes]
+        return torch.stack([r.to(device=images.device, dtype=dtype) for r in rows])[images]
     return torch.tensor(image_sizes, dtype=dtype, device=images.device)[images]
