@@ -277,7 +277,10 @@ def _branch(dtype, head=None):
         in_features=["p2", "p3"], pooler=pooler, iou_head=head, refine_step=1.0, refine_max_iter=5, tf32=False
     )
     g = torch.Generator().manual_seed(5)
-    features = [torch.randn(2, 6, 40, 48, generator=g, dtype=dtype), torch.randn(2, 6, 20, 24, generator=g, dtype=dtype)]
+    features = [
+        torch.randn(2, 6, 40, 48, generator=g, dtype=dtype),
+        torch.randn(2, 6, 20, 24, generator=g, dtype=dtype),
+    ]
     xy = torch.rand(30, 2, generator=g, dtype=dtype) * torch.tensor([150.0, 120.0], dtype=dtype)
     boxes = torch.cat([xy, xy + 8 + torch.rand(30, 2, generator=g, dtype=dtype) * 60], dim=1)
     images = torch.randint(0, 2, (30,), generator=g)

@@ -9,11 +9,12 @@ What is exported: the whole model (backbone, RPN, box head, IoU head, IoU-guided
 input image ``(3, H, W)`` float32 in ``INPUT.FORMAT`` (resized by the caller, as Detectron2's ``DefaultPredictor``
 does with ``ResizeShortestEdge``) to the detections in that image's coordinates: the tensors named in
 ``OUTPUT_NAMES`` (``model.json`` lists those of the file). ``--format torchscript`` traces the model with
-Detectron2's ``TracingAdapter`` and ``torch.jit.trace`` into ``model.ts``; running it needs torch and the prroi_d2
-op library only (``import prroi_d2`` registers the ops; no Detectron2). ``--format torch_export`` tries
+Detectron2's ``TracingAdapter`` and ``torch.jit.trace`` into ``model.ts``; running it needs torch, torchvision
+(``import torchvision`` registers ``torchvision::nms``, which the RPN calls) and the prroi_d2 op library
+(``import prroi_d2`` registers its ops); no Detectron2. ``--format torch_export`` tries
 ``torch.export.export`` with a dynamic image size and says why it cannot work for this model.
 
-After writing the file the tool reloads it in a fresh Python process that imports only torch and the op layer, runs
+After writing the file the tool reloads it in a fresh Python process that imports only those, runs
 it on the sample images (different sizes) and compares every output with the eager model (same number of
 detections; boxes, scores, classes, predicted IoU within ``--atol``). ``--run`` also prints eager vs exported latency
 (median of ``--repeats`` runs; CUDA events on the GPU).
@@ -25,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Sequence, Tuple
 
@@ -66,6 +66,7 @@ def setup_cfg(args):
         cfg.merge_from_list(args.opts)
     except (KeyError, ValueError, AssertionError, FileNotFoundError) as e:
         raise ExportError(f"Config {args.config_file} (and overrides): {e.args[0] if e.args else e}") from None
+    cfg.MODEL.IOU_NET.OUTPUT_STAGES = False  # the export returns the final detections only
     if args.device:
         cfg.MODEL.DEVICE = args.device
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -183,19 +184,20 @@ def tracing_adapter_class():
     import importlib
     import types
 
-    try:
-        from detectron2.export import TracingAdapter
+    if not getattr(sys.modules.get("detectron2.export"), "_bare_package", False):
+        try:
+            from detectron2.export import TracingAdapter
 
-        return TracingAdapter
-    except ImportError as e:
-        if "caffe2" not in str(e):
-            raise
-    import detectron2
+            return TracingAdapter
+        except ImportError as e:
+            if "caffe2" not in str(e):
+                raise
+        import detectron2
 
-    sys.modules.pop("detectron2.export", None)
-    package = types.ModuleType("detectron2.export")
-    package.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
-    sys.modules["detectron2.export"] = package
+        package = types.ModuleType("detectron2.export")
+        package.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
+        package._bare_package = True
+        sys.modules["detectron2.export"] = package
     return importlib.import_module("detectron2.export.flatten").TracingAdapter
 
 
@@ -230,6 +232,8 @@ def export_torch_export(model, names: Sequence[str], sample: torch.Tensor, path:
 def run_exported(directory: str) -> None:
     """The fresh process: load ``model.json``'s file and ``inputs.pt``, write ``outputs.pt`` (per input the output
     tuple) and the Detectron2 / model-code modules that ended up imported (there should be none)."""
+    import torchvision  # noqa: F401  (registers torchvision::nms, which Detectron2's RPN calls)
+
     import prroi_d2  # noqa: F401  (registers torch.ops.prroi_d2.*)
 
     with open(os.path.join(directory, "model.json")) as f:
@@ -352,7 +356,10 @@ def export(args) -> Dict:
         meta["latency_ms"] = {"eager": eager_ms, "exported": exported_ms, "repeats": args.repeats}
     with open(os.path.join(args.output, "model.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    print(f"exported {path}: matches eager on {len(rows)} images in a fresh process (torch + prroi_d2 op layer only)")
+    print(
+        f"exported {path}: matches eager on {len(rows)} images in a fresh process "
+        "(torch, torchvision and the prroi_d2 op layer only)"
+    )
     return meta
 
 
