@@ -165,7 +165,8 @@ def test_tool_names_bad_input_in_one_line(tmp_path):
     config = os.path.join(REPO, "configs", "iounet_synthetic_R18.yaml")
     done = _run_tool(["--config-file", config, "--output", str(tmp_path)])
     assert done.returncode == 1 and "MODEL.WEIGHTS is empty" in done.stderr
-    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    # One line of ours (torch's own import-time FutureWarnings may precede it), no traceback.
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("export_model: MODEL")
     done = _run_tool(["--config-file", config, "--output", str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / "no.pth")])
     assert done.returncode == 1 and "no.pth: no such file" in done.stderr
     done = _run_tool(["--config-file", config, "--output", str(tmp_path), "MODEL.NO_SUCH_KEY", "1"])
