@@ -203,3 +203,164 @@ def test_refine_step_opcheck_and_named_errors():
         name = ["boxes", "grad", "ious", "previous", "best_boxes", "best_ious", "active", "clip_size"][i]
         with pytest.raises((ValueError, TypeError), match=f"_refine_step: {name}"):
             torch.ops.prroi_d2._refine_step(*broken, 0.5, 0.001, -0.01, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Refinement without autograd: the IoU head's explicit input gradient chained with the PrRoI coordinate backward op,
+# against autograd on the differentiable forward (an independent reference).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _head(norm="LN", loss_type="bce", class_agnostic=False, channels=4, size=3, dtype=torch.float64, seed=0, **options):
+    from detectron2.layers import ShapeSpec
+
+    from prroi_d2.modeling import IoUHead
+
+    torch.manual_seed(seed)
+    head = IoUHead(
+        ShapeSpec(channels=channels, height=size, width=size),
+        num_classes=3,
+        num_fc=2,
+        fc_dim=16,
+        class_agnostic=class_agnostic,
+        loss_type=loss_type,
+        pred_init_std=0.3,
+        norm=norm,
+        **options,
+    )
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # LayerNorm's affine parameters away from (1, 0)
+    return head.to(dtype).eval()
+
+
+@pytest.mark.parametrize("norm", ["", "LN"])
+@pytest.mark.parametrize("loss_type", ["bce", "smooth_l1"])
+@pytest.mark.parametrize("class_agnostic", [False, True])
+@pytest.mark.parametrize("options", [{}, {"num_conv": 2, "conv_dim": 5}, {"target": "decoupled"}])
+def test_iou_head_input_gradient_equals_autograd(norm, loss_type, class_agnostic, options):
+    head = _head(norm, loss_type, class_agnostic, **options)
+    assert head.supports_input_grad()
+    pooled = torch.randn(50, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    classes = torch.randint(0, 3, (50,))
+    want = head.predict_ious(head(pooled), classes, clamp=False)
+    want_grad = torch.autograd.grad(want.sum(), pooled)[0]
+    with torch.inference_mode():
+        ious, grad = head.predict_ious_and_input_grad(pooled.detach(), classes)
+    torch.testing.assert_close(ious, want.detach().float(), rtol=1e-6, atol=1e-7)
+    if options.get("target") == "decoupled":  # the combination of the factors runs in float32, as predict_ious
+        torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-6 * float(want_grad.abs().max()))
+    else:
+        torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
+    assert grad.abs().max() > 0
+
+
+def test_iou_head_without_explicit_backward_says_so():
+    from prroi_d2.modeling import IoUHead
+
+    class Tanh(IoUHead):  # another forward, no explicit gradient of its own: refined through autograd
+        def forward(self, x):
+            return self.predictor(torch.tanh(self.fcs(torch.flatten(x, 1))))
+
+    head = _head()
+    assert head.supports_input_grad()
+    head.__class__ = Tanh
+    assert not head.supports_input_grad()
+    head.__class__ = IoUHead
+    head.fcs.append(torch.nn.Tanh())  # a layer without a rule
+    assert not head.supports_input_grad()
+
+
+def _branch(dtype, head=None):
+    from detectron2.modeling.poolers import ROIPooler
+
+    from prroi_d2.modeling import IoUBranch
+
+    pooler = ROIPooler(output_size=5, scales=(1 / 4, 1 / 8), sampling_ratio=0, pooler_type="PrRoIPoolV2")
+    head = head if head is not None else _head(channels=6, size=5, dtype=dtype)
+    branch = IoUBranch(
+        in_features=["p2", "p3"], pooler=pooler, iou_head=head, refine_step=1.0, refine_max_iter=5, tf32=False
+    )
+    g = torch.Generator().manual_seed(5)
+    features = [
+        torch.randn(2, 6, 40, 48, generator=g, dtype=dtype),
+        torch.randn(2, 6, 20, 24, generator=g, dtype=dtype),
+    ]
+    xy = torch.rand(30, 2, generator=g, dtype=dtype) * torch.tensor([150.0, 120.0], dtype=dtype)
+    boxes = torch.cat([xy, xy + 8 + torch.rand(30, 2, generator=g, dtype=dtype) * 60], dim=1)
+    images = torch.randint(0, 2, (30,), generator=g)
+    sizes = torch.tensor([[160.0, 192.0], [150.0, 180.0]], dtype=dtype)[images]
+    classes = torch.randint(0, 3, (30,), generator=g)
+    return branch, features, boxes.clamp(max=150.0), classes, images, sizes
+
+
+def _autograd_reference(branch, features, boxes, classes, images, sizes):
+    """Algorithm 2 through autograd on the differentiable forward (the path before the explicit gradient)."""
+    from prroi_d2 import prroi_pool_levels
+
+    head, pooler = branch.iou_head, branch.pooler
+    levels = pooler.levels_of(boxes)
+
+    def predict(b):
+        rois = torch.cat([images.to(b.dtype)[:, None], b], dim=1)
+        pooled = prroi_pool_levels(features, rois, levels, pooler.output_size, pooler.prroi_scales, aligned=True)
+        return head.predict_ious(head(pooled), classes, clamp=False)
+
+    refined, ious, initial = refine_boxes(boxes, predict, step=1.0, max_iter=5, clip_size=sizes)
+    return refined, ious.clamp(0, 1), initial.clamp(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_branch_refinement_without_autograd_equals_autograd(dtype, context):
+    branch, features, boxes, classes, images, sizes = _branch(dtype)
+    assert branch.iou_head.supports_input_grad()
+    want = _autograd_reference(branch, features, boxes, classes, images, sizes)
+    with context():
+        got = branch.refine_boxes(boxes, classes, images, sizes, *features)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-9}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+    assert (got[0] != boxes).any() and (got[1] > got[2]).any()  # boxes moved, predicted IoU rose
+
+
+def test_branch_refinement_runs_without_autograd():
+    """The explicit path never calls autograd: it runs with autograd's grad function unavailable."""
+    branch, features, boxes, classes, images, sizes = _branch(torch.float64)
+    want = branch.refine_boxes(boxes, classes, images, sizes, *features)
+    original = torch.autograd.grad
+    torch.autograd.grad = None
+    try:
+        with torch.inference_mode():
+            got = branch.refine_boxes(boxes, classes, images, sizes, *features)
+    finally:
+        torch.autograd.grad = original
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_branch_refinement_falls_back_to_autograd():
+    from prroi_d2.modeling import IoUHead
+
+    class Opaque(IoUHead):  # a head without an explicit input gradient
+        def forward(self, x):
+            return self.predictor(self.fcs(torch.flatten(x, 1)))
+
+    head = _head(channels=6, size=5)
+    head.__class__ = Opaque
+    branch, features, boxes, classes, images, sizes = _branch(torch.float64, head=head)
+    assert not head.supports_input_grad()
+    want = _autograd_reference(branch, features, boxes, classes, images, sizes)
+    kept = {"boxes": boxes, "classes": classes, "images": images}
+    with torch.inference_mode():  # through refine (which runs autograd outside inference mode)
+        got = branch.refine(features, kept, [(160, 192), (150, 180)])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+
+
+def test_refine_boxes_takes_exactly_one_gradient_source():
+    boxes = torch.tensor([[0.0, 0, 10, 10]])
+    with pytest.raises(ValueError, match="exactly one"):
+        refine_boxes(boxes)
+    with pytest.raises(ValueError, match="exactly one"):
+        refine_boxes(boxes, lambda b: b.sum(1), predict_iou_and_grad=lambda b, g: (b.sum(1), torch.ones_like(b)))

@@ -22,10 +22,10 @@ from prroi_d2.functional import channels_last_copy
 from prroi_d2.modeling import poolers
 from prroi_d2.modeling.box_jitter import sample_jittered_boxes
 from prroi_d2.modeling.cuda_graphs import CUDAGraphCache
-from prroi_d2.modeling.detections import select_candidates, sizes_of, to_instances, top_per_image
+from prroi_d2.modeling.detections import positions, select_candidates, sizes_of, to_instances, top_per_image
 from prroi_d2.modeling.iou_guided_nms import iou_guided_nms
 from prroi_d2.modeling.iou_head import build_iou_head, coverage_factors
-from prroi_d2.modeling.poolers import pool_levels, pool_rois
+from prroi_d2.modeling.poolers import pool_rois
 from prroi_d2.modeling.refine_acceptance import accept_refinement
 from prroi_d2.modeling.refinement import refine_boxes
 from prroi_d2.options import ARG_DEFAULTS, config_arguments
@@ -229,9 +229,7 @@ class IoUBranch(nn.Module):
         if self.nms_enabled:
             rank = cand["ious"] if self.nms_rank == "iou" else cand["scores"] * cand["ious"]
             keep, cluster_scores = iou_guided_nms(cand["boxes"], cand["scores"], rank, groups, self.nms_thresh)
-            top = top_per_image(
-                torch.arange(len(keep), device=keep.device), cluster_scores, cand["images"][keep], topk, num_images
-            )
+            top = top_per_image(positions(keep), cluster_scores, cand["images"][keep], topk, num_images)
             keep, cls_scores = keep[top], cluster_scores[top]
             if wanted("iou_nms"):
                 scores = self.score(cls_scores, cand["ious"][keep])
@@ -268,11 +266,11 @@ class IoUBranch(nn.Module):
         R <= capacity, else to the next power of two; the padding is dropped from the results."""
         boxes, classes, images = kept["boxes"], kept["classes"], kept["images"]
         sizes = sizes_of(images, image_sizes, boxes.dtype)
-        r = boxes.size(0)
         inputs = [boxes, classes, images, sizes] + list(features)
         graphs = self.refine_graphs.max_graphs > 0 and getattr(self.iou_head, "cuda_graph_safe", False)
-        if r == 0 or not boxes.is_cuda or not graphs or _is_tracing():
+        if _is_tracing() or not boxes.is_cuda or not graphs or boxes.size(0) == 0:  # tracing: no count on the host
             return CUDAGraphCache.eager(self.refine_boxes, inputs)
+        r = boxes.size(0)
         padded = capacity if r <= capacity else 1 << (r - 1).bit_length()
         if padded > r:
             pad = torch.arange(padded, device=boxes.device).clamp_(max=r - 1)
@@ -295,28 +293,68 @@ class IoUBranch(nn.Module):
 
     def refine_boxes(self, boxes, classes, images, sizes, *features) -> Tuple[Tensor, Tensor, Tensor]:
         """``refine_boxes`` of boxes (R, 4) of ``images`` (R,) with ``sizes`` (R, 2) for ``classes`` (R,), through
-        the IoU pooler and head; no host synchronisation (what :meth:`refine` captures in a CUDA graph)."""
-        pooler = self.pooler
-        image_index = images.to(boxes.dtype)[:, None]
-        levels = pooler.levels_of(boxes)
+        the IoU pooler and head; no host synchronisation (what :meth:`refine` captures in a CUDA graph).
+
+        With an IoU head that has an explicit input gradient (``supports_input_grad()``), the gradient of the
+        predicted IoU with respect to the boxes is a plain forward computation (:meth:`iou_and_box_grad`): no
+        autograd, so it runs under inference mode and traces. Other heads are differentiated by autograd."""
         features = list(features)
-
-        def predict(b: Tensor) -> Tensor:
-            rois = torch.cat([image_index, b], dim=1)
-            pooled = pool_levels(features, rois, levels, pooler.output_size, pooler.prroi_scales, pooler.prroi_aligned)
-            return self.iou_head.predict_ious(self.iou_head(pooled), classes, clamp=False)
-
+        levels = self.pooler.levels_of(boxes)
+        explicit = getattr(self.iou_head, "supports_input_grad", None)
         with tf32_matmuls(self.tf32 and boxes.is_cuda):  # the IoU head's backward too
+            if explicit is not None and explicit():
+
+                def iou_and_grad(b: Tensor, need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+                    return self.iou_and_box_grad(features, b, images, levels, classes, need_grad)
+
+                options = {"predict_iou_and_grad": iou_and_grad}
+            else:
+
+                def predict(b: Tensor) -> Tensor:
+                    return self.iou_and_box_grad(features, b, images, levels, classes, need_grad=False)[0]
+
+                options = {"predict_iou": predict}
             refined, ious, initial = refine_boxes(
                 boxes,
-                predict,
                 step=self.refine_step,
                 max_iter=self.refine_max_iter,
                 stop_delta=self.refine_stop_delta,
                 stop_drop=self.refine_stop_drop,
                 clip_size=sizes,
+                **options,
             )
         return refined, ious.clamp(0.0, 1.0), initial.clamp(0.0, 1.0)
+
+    def iou_and_box_grad(
+        self, features: List[Tensor], boxes: Tensor, images: Tensor, levels: Tensor, classes: Tensor, need_grad: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Unclamped predicted IoU (R,) of boxes (R, 4) of ``images`` (R,) pooled at FPN ``levels`` (R,) for
+        ``classes`` (R,) and, with ``need_grad``, its gradient with respect to the boxes (R, 4): the IoU head's
+        explicit input gradient chained with the PrRoI pooling coordinate backward op (without ``need_grad`` the
+        IoU alone, differentiable by autograd)."""
+        pooler = self.pooler
+        height, width = pooler.output_size
+        rois = torch.cat([images.to(boxes.dtype)[:, None], boxes], dim=1)
+        rois = rois.to(poolers.roi_dtype(features[0].dtype, rois.dtype))
+        pooled = torch.ops.prroi_d2.prroi_pool2d_levels(
+            features, rois, levels, height, width, pooler.prroi_scales, pooler.prroi_aligned
+        )
+        if not need_grad:
+            return self.iou_head.predict_ious(self.iou_head(pooled), classes, clamp=False), None
+        ious, grad_pooled = self.iou_head.predict_ious_and_input_grad(pooled, classes)
+        _, grad_rois = torch.ops.prroi_d2._prroi_pool2d_levels_backward(
+            grad_pooled.to(pooled.dtype),
+            features,
+            rois,
+            levels,
+            height,
+            width,
+            pooler.prroi_scales,
+            pooler.prroi_aligned,
+            False,
+            True,
+        )
+        return ious, grad_rois[:, 1:].to(boxes.dtype)
 
     def score(self, cls_scores: Tensor, ious: Tensor) -> Tensor:
         """The final score (M,) of detections with classification scores (M,) and predicted IoU (M,)."""

@@ -30,9 +30,7 @@ def iou_guided_nms(
         cluster_scores: (M,) the maximum score of each kept box's cluster.
     """
     _check_inputs(boxes, scores, ious, idxs, iou_threshold)
-    n = boxes.size(0)
-    if n == 0:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores.new_zeros((0,))
+    # No branch on the box count (none is needed: every step below takes N = 0), so a trace is valid for any N.
     # Processing order: by decreasing predicted IoU (ties: lower index first), then grouped (stable).
     ranked = torch.sort(ious, descending=True, stable=True).indices
     groups = idxs.to(torch.int64)[ranked]
@@ -44,17 +42,16 @@ def iou_guided_nms(
     kept_input = torch.empty_like(kept).scatter_(0, order, kept)
     keep = ranked[kept_input[ranked]]
     cluster = torch.empty_like(head).scatter_(0, order, order[head])  # input index of each box's cluster head
-    best = scores.new_full((n,), float("-inf")).scatter_reduce(0, cluster, scores, reduce="amax", include_self=True)
+    best = torch.full_like(scores, float("-inf")).scatter_reduce(0, cluster, scores, reduce="amax", include_self=True)
     return keep, best[keep]
 
 
 def _check_inputs(boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float) -> None:
     if boxes.dim() != 2 or boxes.size(1) != 4:
         raise ValueError(f"iou_guided_nms: boxes must be (N, 4), got shape {tuple(boxes.shape)}")
-    n = boxes.size(0)
     for name, t in (("scores", scores), ("ious", ious), ("idxs", idxs)):
-        if t.shape != (n,):
-            raise ValueError(f"iou_guided_nms: {name} must be (N,) = ({n},), got shape {tuple(t.shape)}")
+        if t.dim() != 1 or (not torch.jit.is_tracing() and t.size(0) != boxes.size(0)):  # counts are traced values
+            raise ValueError(f"iou_guided_nms: {name} must be (N,) = ({boxes.size(0)},), got shape {tuple(t.shape)}")
         if t.device != boxes.device:
             raise ValueError(f"iou_guided_nms: {name} is on {t.device}, boxes on {boxes.device}")
     if idxs.dtype.is_floating_point or idxs.dtype == torch.bool:

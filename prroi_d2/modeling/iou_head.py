@@ -3,7 +3,7 @@
 Registry ``IOU_HEAD_REGISTRY``; ``build_iou_head(cfg, input_shape)`` builds ``cfg.MODEL.IOU_NET.HEAD.NAME``.
 """
 
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +15,17 @@ from torch import Tensor, nn
 
 from prroi_d2.modeling.iou_training_signal import put_iou_training_signal
 
-__all__ = ["IOU_HEAD_REGISTRY", "IoUHead", "build_iou_head"]
+__all__ = ["IOU_HEAD_REGISTRY", "LAYER_BACKWARDS", "IoUHead", "build_iou_head", "sequential_forward_with_backward"]
 
 IOU_HEAD_REGISTRY = Registry("IOU_HEAD")
 IOU_HEAD_REGISTRY.__doc__ = """
 Registry for IoU heads: modules mapping pooled RoI features (K, C, S, S) to raw IoU outputs (K, num_classes or 1),
 with ``predict_ious(raw, classes) -> (K,)`` in [0, 1] and ``losses(raw, classes, target_ious) -> dict``. A head whose
 ``forward`` and ``predict_ious`` never synchronise with the host and keep no state across calls may set the class
-attribute ``cuda_graph_safe = True``: refinement then replays it from CUDA graphs.
+attribute ``cuda_graph_safe = True``: refinement then replays it from CUDA graphs. A head with
+``predict_ious_and_input_grad(pooled, classes) -> (ious (K,), d ious / d pooled (K, C, S, S))`` whose
+``supports_input_grad()`` is true is refined without autograd (and can be traced and exported); others are refined
+through autograd.
 """
 
 LOSS_TYPES = ("smooth_l1", "bce")
@@ -142,6 +145,59 @@ class IoUHead(nn.Module):
         P is 1 (IoU) or 2 (the decoupled factors, class-major: columns 2c, 2c + 1 are class c's)."""
         return self.predictor(self.fcs(torch.flatten(self.convs(x), start_dim=1)))
 
+    def supports_input_grad(self) -> bool:
+        """Whether :meth:`predict_ious_and_input_grad` applies: every layer of ``convs`` and ``fcs`` has an explicit
+        backward in :data:`LAYER_BACKWARDS`, and a subclass that overrides ``forward`` overrides that method too."""
+        cls = type(self)
+        own_forward = cls.forward is IoUHead.forward
+        if not own_forward and cls.predict_ious_and_input_grad is IoUHead.predict_ious_and_input_grad:
+            return False
+        return all(type(layer) in LAYER_BACKWARDS for layer in list(self.convs) + list(self.fcs))
+
+    def predict_ious_and_input_grad(self, pooled: Tensor, classes: Tensor) -> Tuple[Tensor, Tensor]:
+        """The unclamped predicted IoU of each box for its class (``predict_ious(self(pooled), classes,
+        clamp=False)``, float32) and its gradient with respect to the pooled features, computed by explicit
+        backward formulas per layer (no autograd, so it runs under ``torch.inference_mode()`` and traces).
+
+        pooled (K, C, S, S), classes (K,) -> ious (K,) float32, d ious / d pooled (K, C, S, S) in pooled's dtype.
+        Each box's output depends on its own row only, so the gradient of the sum is every box's own gradient.
+        """
+        x, conv_backward = sequential_forward_with_backward(self.convs, pooled)
+        features_shape = x.shape
+        x, fc_backward = sequential_forward_with_backward(self.fcs, torch.flatten(x, start_dim=1))
+        out = self.select(self.predictor(x), classes).float()  # (K,) or, decoupled, (K, 2)
+        ious, d_out = self.iou_and_derivative(out)
+        p = self.outputs_per_class
+        weight = self.predictor.weight.view(-1, p, self.predictor.weight.size(1))  # (classes or 1, P, D)
+        rows = weight[:1].expand(len(classes), -1, -1) if self.class_agnostic else weight[classes.long()]
+        d_out = d_out.view(-1, p, 1).to(rows.dtype)
+        grad = fc_backward((d_out * rows).sum(dim=1))
+        grad = conv_backward(grad.view(features_shape))
+        return ious, grad.view(pooled.shape).to(pooled.dtype)
+
+    def iou_and_derivative(self, out: Tensor) -> Tuple[Tensor, Tensor]:
+        """The selected raw output (K,) float32 (decoupled: (K, 2)) -> unclamped predicted IoU (K,) and
+        d IoU / d out (K,) (decoupled: (K, 2)): the sigmoid of a ``bce`` head, the affine map ``(out + 1) / 2`` of
+        a ``smooth_l1`` head; decoupled, each factor's map then IoU = ab / (a + b - ab), whose partial derivatives
+        are b^2 / D^2 and a^2 / D^2 with D = a + b - ab."""
+        if self.loss_type == "bce":
+            unit = out.sigmoid()
+            d_unit = unit * (1.0 - unit)
+        else:
+            unit = (out + 1.0) * 0.5
+            d_unit = torch.full_like(out, 0.5)
+        if self.target != "decoupled":
+            return unit, d_unit
+        if self.loss_type != "bce":  # predict_ious clamps each factor to [0, 1]: no gradient outside
+            d_unit = d_unit * ((unit >= 0) & (unit <= 1)).to(d_unit.dtype)
+            unit = unit.clamp(0.0, 1.0)
+        a, b = unit.unbind(1)
+        ab = a * b
+        denominator = (a + b - ab).clamp(min=1e-6)
+        iou = ab / denominator
+        d_iou = torch.stack([b * b, a * a], dim=1) / denominator[:, None].square()
+        return iou, d_iou * d_unit
+
     def select(self, raw: Tensor, classes: Tensor) -> Tensor:
         """raw (K, P * num_classes or P), classes (K,) int64 -> (K,) with P = 1, or (K, 2) with the decoupled
         target: the outputs of each box's class."""
@@ -192,6 +248,87 @@ class IoUHead(nn.Module):
             loss = F.smooth_l1_loss(out, 2.0 * target - 1.0, beta=self.smooth_l1_beta, reduction="mean")
         put_iou_training_signal(out, target, self.loss_type, self.smooth_l1_beta)
         return {"loss_iou": self.loss_weight * loss}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Explicit backward of the layers an IoU head is made of (rows of a batch never mix): IoU-Net's refinement needs
+# d predicted IoU / d input at inference, where autograd is not wanted (inference mode, tracing, export).
+# ---------------------------------------------------------------------------------------------------------------------
+
+Backward = Callable[[Tensor], Tensor]
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tuple[Tensor, Backward]:
+    return F.linear(x, layer.weight, layer.bias), lambda grad: grad.matmul(layer.weight.to(grad.dtype))
+
+
+def _relu(layer: nn.ReLU, x: Tensor) -> Tuple[Tensor, Backward]:
+    y = torch.relu(x)  # never in place: the forward of the explicit path keeps its inputs
+    return y, lambda grad: grad * (y > 0).to(grad.dtype)
+
+
+def _layer_norm(layer: nn.LayerNorm, x: Tensor) -> Tuple[Tensor, Backward]:
+    dims = tuple(range(-len(layer.normalized_shape), 0))
+    mean = x.mean(dim=dims, keepdim=True)
+    centred = x - mean
+    rstd = torch.rsqrt(centred.pow(2).mean(dim=dims, keepdim=True) + layer.eps)
+    normed = centred * rstd
+    y = F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+
+    def backward(grad: Tensor) -> Tensor:
+        g = grad if layer.weight is None else grad * layer.weight
+        return rstd * (g - g.mean(dim=dims, keepdim=True) - normed * (g * normed).mean(dim=dims, keepdim=True))
+
+    return y, backward
+
+
+def _conv2d(layer: nn.Conv2d, x: Tensor) -> Tuple[Tensor, Backward]:
+    def backward(grad: Tensor) -> Tensor:  # the input gradient of a convolution is the transposed convolution
+        return F.conv_transpose2d(
+            grad, layer.weight.to(grad.dtype), None, layer.stride, layer.padding, 0, layer.groups, layer.dilation
+        )
+
+    return layer(x), backward
+
+
+def _flatten(layer: nn.Flatten, x: Tensor) -> Tuple[Tensor, Backward]:
+    return layer(x), lambda grad: grad.reshape(x.shape)
+
+
+def _identity(layer: nn.Module, x: Tensor) -> Tuple[Tensor, Backward]:
+    return x, lambda grad: grad
+
+
+LAYER_BACKWARDS: Dict[type, Callable[[nn.Module, Tensor], Tuple[Tensor, Backward]]] = {
+    nn.Linear: _linear,
+    nn.Conv2d: _conv2d,
+    nn.ReLU: _relu,
+    nn.LayerNorm: _layer_norm,
+    nn.Flatten: _flatten,
+    nn.Identity: _identity,
+    nn.Dropout: _identity,  # inference only
+}
+"""Per layer type: ``rule(layer, x) -> (layer(x), backward)`` with ``backward(d out) -> d x`` (batch rows
+independent). A new head made of other layers adds their rules here."""
+
+
+def sequential_forward_with_backward(layers: nn.Module, x: Tensor) -> Tuple[Tensor, Backward]:
+    """Run ``layers`` (an iterable of modules of :data:`LAYER_BACKWARDS` types) on x and return their output and
+    the map from d output to d x (the vector-Jacobian product, explicit)."""
+    backwards: List[Backward] = []
+    for layer in layers:
+        rule = LAYER_BACKWARDS.get(type(layer))
+        if rule is None:
+            raise TypeError(f"no explicit backward for IoU head layer {type(layer).__name__}; see LAYER_BACKWARDS")
+        x, backward = rule(layer, x)
+        backwards.append(backward)
+
+    def backward_all(grad: Tensor) -> Tensor:
+        for backward in reversed(backwards):
+            grad = backward(grad)
+        return grad
+
+    return x, backward_all
 
 
 def build_iou_head(cfg, input_shape: ShapeSpec) -> nn.Module:

@@ -147,7 +147,10 @@ class IoUNetCascadeROIHeads(IoUBranchMixin, CascadeROIHeads):
         for stage in range(self.num_cascade_stages):
             if stage > 0:
                 proposals = self._create_proposals_from_boxes(boxes, image_sizes)
-            predictions = self._run_stage(box_features, proposals, stage)
+            # CascadeROIHeads._run_stage without its gradient scaling (a Python autograd function, the identity in
+            # inference, that torch.jit.trace cannot record).
+            pooled = self.box_pooler(box_features, [x.proposal_boxes for x in proposals])
+            predictions = self.box_predictor[stage](self.box_head[stage](pooled))
             predictor = self.box_predictor[stage]
             boxes = predictor.predict_boxes(predictions, proposals)
             scores_per_stage.append(predictor.predict_probs(predictions, proposals))
