@@ -35,6 +35,7 @@ from detectron2.evaluation.evaluator import inference_context
 from prroi_d2.evaluation.coco_stages import coco_stage_metrics
 from prroi_d2.evaluation.iounet_evaluator import IoUNetEvaluator
 from prroi_d2.modeling.refine_acceptance import accept_refinement
+from prroi_d2.modeling.stages import BASELINE, IOU_NMS, REFINED
 
 __all__ = [
     "CalibrateAfterTraining",
@@ -67,7 +68,7 @@ class CalibrationSetting:
 
     @property
     def name(self) -> str:
-        nms = "iou_nms" if self.nms else "baseline"
+        nms = IOU_NMS if self.nms else BASELINE
         if not self.refine:
             return nms
         low, high = self.iou_range
@@ -134,11 +135,11 @@ def _collect(model, data_loader, nms: bool, step: float, max_iter: int) -> List[
             for inputs in data_loader:
                 for inp, out in zip(inputs, model(inputs)):
                     stages = out["stages"]
-                    plain, refined = stages["iou_nms" if nms else "baseline"], stages["refined"]
+                    plain, refined = stages[IOU_NMS if nms else BASELINE], stages[REFINED]
                     images.append(
                         {
                             "image_id": inp["image_id"],
-                            "baseline": _fields(stages["baseline"]) if "baseline" in stages else None,
+                            "baseline": _fields(stages[BASELINE]) if BASELINE in stages else None,
                             "plain": _fields(plain),
                             "refined": _fields(refined),
                         }

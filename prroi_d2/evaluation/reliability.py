@@ -16,13 +16,14 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from prroi_d2.evaluation.iou_statistics import best_ground_truth_iou
+from prroi_d2.modeling.stages import IOU_NMS
 
 __all__ = ["RELIABILITY_EDGES", "format_reliability_table", "refinement_reliability", "reliability_bins"]
 
 # Bin edges of the predicted IoU (the last bin includes 1.0; values outside [0, 1] fall into the end bins).
 RELIABILITY_EDGES = np.linspace(0.0, 1.0, 11)
 # The stage whose predicted IoU is binned when the localisation stage has no boxes before refinement.
-_FALLBACK_STAGE = "iou_nms"
+_FALLBACK_STAGE = IOU_NMS
 
 
 def _bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:

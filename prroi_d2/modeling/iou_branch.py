@@ -28,11 +28,11 @@ from prroi_d2.modeling.iou_head import build_iou_head, coverage_factors
 from prroi_d2.modeling.poolers import pool_rois
 from prroi_d2.modeling.refine_acceptance import accept_refinement
 from prroi_d2.modeling.refinement import refine_boxes
+from prroi_d2.modeling.stages import BASELINE, IOU_NMS, REFINED, STAGES, final_stage
 from prroi_d2.options import ARG_DEFAULTS, config_arguments
 
 __all__ = ["DEFAULT_JITTER", "IoUBranch", "STAGES"]
 
-STAGES = ("baseline", "iou_nms", "refined")
 NMS_RANKS = ("iou", "score_x_iou")
 SCORE_MODES = ("cls", "iou", "cls_x_iou")
 DEFAULT_JITTER = ARG_DEFAULTS["jitter"]  # the box sampler's keywords (MODEL.IOU_NET.JITTER), from prroi_d2.options
@@ -138,7 +138,7 @@ class IoUBranch(nn.Module):
     @property
     def last_stage(self) -> str:
         """The stage the ROI heads return as their detections."""
-        return "refined" if self.refine_enabled else "iou_nms" if self.nms_enabled else "baseline"
+        return final_stage(self.nms_enabled, self.refine_enabled)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training
@@ -224,16 +224,16 @@ class IoUBranch(nn.Module):
             keep = batched_nms(cand["boxes"], cand["scores"], groups, nms_thresh)
             keep = top_per_image(keep, cand["scores"][keep], cand["images"][keep], topk, num_images)
             cls_scores = cand["scores"][keep]
-            if wanted("baseline"):
-                stages["baseline"] = to_instances(cand, keep, cls_scores, image_sizes)
+            if wanted(BASELINE):
+                stages[BASELINE] = to_instances(cand, keep, cls_scores, image_sizes)
         if self.nms_enabled:
             rank = cand["ious"] if self.nms_rank == "iou" else cand["scores"] * cand["ious"]
             keep, cluster_scores = iou_guided_nms(cand["boxes"], cand["scores"], rank, groups, self.nms_thresh)
             top = top_per_image(positions(keep), cluster_scores, cand["images"][keep], topk, num_images)
             keep, cls_scores = keep[top], cluster_scores[top]
-            if wanted("iou_nms"):
+            if wanted(IOU_NMS):
                 scores = self.score(cls_scores, cand["ious"][keep])
-                stages["iou_nms"] = to_instances(cand, keep, scores, image_sizes)
+                stages[IOU_NMS] = to_instances(cand, keep, scores, image_sizes)
         if self.refine_enabled:
             capacity = num_images * topk if topk > 0 else 0
             kept = {name: cand[name][keep] for name in ("boxes", "classes", "images")}
@@ -243,7 +243,7 @@ class IoUBranch(nn.Module):
             )
             refined = {"boxes": boxes, "ious": ious, "classes": kept["classes"], "images": kept["images"]}
             extra = {"pred_boxes_initial": Boxes(kept["boxes"]), "pred_ious_initial": initial}
-            stages["refined"] = to_instances(refined, None, self.score(cls_scores, ious), image_sizes, extra)
+            stages[REFINED] = to_instances(refined, None, self.score(cls_scores, ious), image_sizes, extra)
         return stages
 
     def predict_ious(self, features: List[Tensor], boxes: Tensor, images: Tensor, classes: Tensor) -> Tensor:
