@@ -16,7 +16,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from prroi_d2.evaluation.iou_statistics import best_ground_truth_iou
-from prroi_d2.modeling.stages import IOU_NMS
+from prroi_d2.modeling.stages import IOU_NMS, REFINED
 
 __all__ = ["RELIABILITY_EDGES", "format_reliability_table", "refinement_reliability", "reliability_bins"]
 
@@ -124,7 +124,7 @@ def refinement_reliability(coco_gt: COCO, records, stage=None) -> OrderedDict:
         stage=stage,
         source=source,
         predicted_key=iou_key,
-        refined=refined_true is not None,
+        **{REFINED: refined_true is not None},
         bin_edges=RELIABILITY_EDGES.tolist(),
         bins=reliability_bins(pred, true, refined_true),
         all=reliability_bins(pred, true, refined_true, whole)[0],
@@ -154,14 +154,14 @@ def format_reliability_table(reliability) -> str:
     empty string for an empty result."""
     if not reliability:
         return ""
-    columns = _COLUMNS if reliability.get("refined") else _COLUMNS[:4]
+    columns = _COLUMNS if reliability.get(REFINED) else _COLUMNS[:4]
     lines = [
         f"Reliability of the predicted IoU ({reliability['source']}: `{reliability['predicted_key']}`) per "
         "predicted-IoU bin: mean and std of the true IoU"
         + (
             ", and what refinement did to the true IoU (gain = refined - initial; improved / worsened: share of the "
             "bin's detections whose true IoU rose / fell):"
-            if reliability.get("refined")
+            if reliability.get(REFINED)
             else " (no refinement in these records):"
         ),
         "",

@@ -15,7 +15,7 @@ import numpy as np
 from detectron2.utils.file_io import PathManager
 
 from prroi_d2.evaluation.reports import _new_figure
-from prroi_d2.modeling.stages import RECORD_BOX, RECORD_BOX_INITIAL, RECORD_IOU, RECORD_IOU_INITIAL
+from prroi_d2.modeling.stages import RECORD_BOX, RECORD_BOX_INITIAL, RECORD_IOU, RECORD_IOU_INITIAL, REFINED
 
 __all__ = ["draw_refinement_examples", "draw_reliability", "select_examples"]
 
@@ -196,7 +196,7 @@ def draw_reliability(reliability, output_dir) -> list:
     ax.set_title("Reliability of the predicted IoU")
     _count_axes(fig, grid[1], ax, bins).set_xlabel(xlabel)
     paths = [_save(fig, os.path.join(output_dir, "iou_reliability.png"))]
-    if not reliability.get("refined"):
+    if not reliability.get(REFINED):
         return paths
 
     fig = _new_figure(6, 6)
