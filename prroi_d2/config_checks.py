@@ -124,6 +124,12 @@ def config_problems(cfg, *, training: bool = True, world_size: int = 1) -> List[
             problems.append(problem)
     if training and not problems:
         problems += _split_problems("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH, world_size)
+    held_out = cfg.MODEL.IOU_NET.CALIBRATION.DATASET if "IOU_NET" in cfg.MODEL else ""
+    if training and held_out and held_out in tuple(cfg.DATASETS.TEST) + tuple(cfg.DATASETS.TRAIN):
+        problems.append(
+            f"MODEL.IOU_NET.CALIBRATION.DATASET {held_out!r} is also in DATASETS.TRAIN or DATASETS.TEST: calibrate "
+            "on a held-out split the model neither trains on nor reports"
+        )
     return problems
 
 

@@ -205,3 +205,69 @@ def test_choice_is_written_to_the_run_config(synthetic, tmp_path):
     assert "| setting |" in (tmp_path / "calibration.md").read_text()
     branch = calibration.iou_branch_of(model)  # the model now runs with the choice
     assert (branch.nms_enabled, branch.refine_enabled) == (chosen.nms, chosen.refine)
+
+
+def _tiny_run(data, output_dir, *extra):
+    """A real tools/train_net.py command on the synthetic config, shrunk to seconds, with three tiny splits of
+    ``data`` registered (cal_train, cal_holdout, cal_val)."""
+    register = [a for split in ("train", "holdout", "val") for a in (
+        "--register", f"cal_{split}", os.path.join(data, f"{split}.json"), os.path.join(data, split))]  # fmt: skip
+    return register + [
+        "MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
+        "MODEL.IOU_NET.HEAD.FC_DIM", "32", "MODEL.IOU_NET.JITTER.NUM_PER_IMAGE", "16",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.WARMUP_ITERS", "0", "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "10",
+        "DATASETS.TRAIN", "('cal_train',)", "DATASETS.TEST", "('cal_val',)",
+        "MODEL.IOU_NET.CALIBRATION.STEPS", "[1.0]", "MODEL.IOU_NET.CALIBRATION.MAX_ITERS", "[2]",
+        "MODEL.IOU_NET.CALIBRATION.MARGINS", "[0.0]", "MODEL.IOU_NET.CALIBRATION.IOU_RANGES", "[[0.0, 1.0]]",
+        "OUTPUT_DIR", str(output_dir), *extra,
+    ]  # fmt: skip
+
+
+def test_training_ends_with_calibration_and_the_tool_repeats_it(tmp_path):
+    """Real processes: a training calibrates on its held-out split before its final evaluation and writes the
+    choice into OUTPUT_DIR/config.yaml; tools/calibrate_refinement.py does the same for the trained model and
+    refuses a reporting split as its held-out set."""
+    import subprocess
+    import sys
+
+    from prroi_d2.data.synthetic import generate_synthetic_coco
+
+    data = str(tmp_path / "data")
+    for seed, (split, n) in enumerate((("train", 4), ("holdout", 3), ("val", 3))):
+        generate_synthetic_coco(data, split, n, seed=seed)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    train = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file"]
+    out = tmp_path / "run"
+    done = subprocess.run(
+        train + [os.path.join(ROOT, "configs", "iounet_synthetic_R18.yaml")]
+        + _tiny_run(data, out, "MODEL.IOU_NET.CALIBRATION.DATASET", "cal_holdout"),
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed[-3000:]
+    assert printed.index("Calibration of refinement on cal_holdout") < printed.index("IoU-Net stages on cal_val")
+    record = json.loads((out / "calibration.json").read_text())
+    from prroi_d2.data.augmentation import add_aerial_augment_config
+    from prroi_d2.engine.checkpoint_hook import add_checkpoint_config
+
+    saved = add_checkpoint_config(add_aerial_augment_config(add_iounet_config(get_cfg())))
+    saved.merge_from_file(str(out / "config.yaml"))
+    assert calibration.setting_of_cfg(saved) == CalibrationSetting(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in record["chosen"].items()})  # fmt: skip
+
+    tool = [sys.executable, os.path.join(ROOT, "tools", "calibrate_refinement.py")]
+    again = subprocess.run(
+        tool + ["--dataset", "cal_holdout", "--config-file", str(out / "config.yaml")]
+        + _tiny_run(data, tmp_path / "again", "MODEL.WEIGHTS", str(out / "model_final.pth")),
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert json.loads((tmp_path / "again" / "calibration.json").read_text())["rows"] == record["rows"]
+    refused = subprocess.run(
+        tool + ["--dataset", "cal_val", "--config-file", str(out / "config.yaml")]
+        + _tiny_run(data, tmp_path / "refused", "MODEL.WEIGHTS", str(out / "model_final.pth")),
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "cal_val is a reporting split (DATASETS.TEST)" in refused.stderr.strip().splitlines()[-1]

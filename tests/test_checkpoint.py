@@ -164,6 +164,7 @@ def _tiny(output_dir, max_iter):
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128",
         "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
         "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()",
+        "MODEL.IOU_NET.CALIBRATION.DATASET", "",
         "OUTPUT_DIR", str(output_dir),
     ]  # fmt: skip
 

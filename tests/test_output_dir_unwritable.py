@@ -88,6 +88,7 @@ def test_training_stops_with_one_line_when_a_checkpoint_does_not_fit(tmp_path):
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128",
         "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
         "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path),
+        "MODEL.IOU_NET.CALIBRATION.DATASET", "",
     ]  # fmt: skip
     cmd = [sys.executable, TRAIN_NET, "--config-file", SYNTHETIC] + opts
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600,

@@ -50,6 +50,7 @@ def train_one(config: str, seed: int, iters: int, output_dir: str, overrides: Li
         os.remove(metrics)
     command = train_net_command(config, "SEED", str(seed), "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", str(iters),
                                 "SOLVER.CHECKPOINT_PERIOD", str(10 * iters), "DATASETS.TEST", "()",
+                                "MODEL.IOU_NET.CALIBRATION.DATASET", "",
                                 "OUTPUT_DIR", output_dir, *overrides)  # fmt: skip
     log = os.path.join(output_dir, "check.log")
     (done,) = run_processes([command], [log], cwd=ROOT)
