@@ -248,13 +248,23 @@ def test_training_ends_with_calibration_and_the_tool_repeats_it(tmp_path):
     assert done.returncode == 0, printed[-3000:]
     assert printed.index("Calibration of refinement on cal_holdout") < printed.index("IoU-Net stages on cal_val")
     record = json.loads((out / "calibration.json").read_text())
-    from prroi_d2.data.augmentation import add_aerial_augment_config
-    from prroi_d2.engine.checkpoint_hook import add_checkpoint_config
+    from prroi_d2.engine.yaml_train import new_config
 
-    saved = add_checkpoint_config(add_aerial_augment_config(add_iounet_config(get_cfg())))
+    saved = new_config()
     saved.merge_from_file(str(out / "config.yaml"))
     assert calibration.setting_of_cfg(saved) == CalibrationSetting(**{
         k: tuple(v) if isinstance(v, list) else v for k, v in record["chosen"].items()})  # fmt: skip
+
+    # The run's config (with the choice) exports as it is.
+    exported = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "export_model.py"), "--config-file", str(out / "config.yaml"),
+         "--output", str(tmp_path / "export"), "--num-images", "2"]
+        + [a for name in sorted(os.listdir(os.path.join(data, "val")))[:2]
+           for a in ("--sample-image", os.path.join(data, "val", name))]
+        + ["MODEL.WEIGHTS", str(out / "model_final.pth")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert exported.returncode == 0, (exported.stdout + exported.stderr)[-3000:]
 
     tool = [sys.executable, os.path.join(ROOT, "tools", "calibrate_refinement.py")]
     again = subprocess.run(

@@ -54,15 +54,13 @@ class ExportError(RuntimeError):
 
 
 def setup_cfg(args):
-    from detectron2.config import get_cfg
-
-    from prroi_d2 import add_iounet_config
     from prroi_d2.config_checks import check_iounet_config
+    from prroi_d2.engine.yaml_train import new_config
+    from prroi_d2.safe_loading import safe_merge_from_file
 
-    cfg = get_cfg()
-    add_iounet_config(cfg)
+    cfg = new_config()
     try:
-        cfg.merge_from_file(args.config_file)
+        safe_merge_from_file(cfg, args.config_file)
         cfg.merge_from_list(args.opts)
     except (KeyError, ValueError, AssertionError, FileNotFoundError) as e:
         raise ExportError(f"Config {args.config_file} (and overrides): {e.args[0] if e.args else e}") from None

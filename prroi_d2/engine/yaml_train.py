@@ -32,7 +32,7 @@ from prroi_d2.engine.iou_learning_monitor import IoULearningMonitor
 from prroi_d2.engine.steps import build_evaluator, build_writers, prepare_datasets, report, setup_run
 from prroi_d2.safe_loading import safe_merge_from_file
 
-__all__ = ["Trainer", "config_from_args", "main", "setup"]
+__all__ = ["Trainer", "config_from_args", "main", "new_config", "setup"]
 
 
 class Trainer(EndRunOnDecodeError, DefaultTrainer):
@@ -99,6 +99,16 @@ class Trainer(EndRunOnDecodeError, DefaultTrainer):
         )
 
 
+def new_config() -> CfgNode:
+    """Detectron2's defaults with every key this project adds (``MODEL.IOU_NET``, ``INPUT.AERIAL_AUGMENT``,
+    ``SOLVER.CHECKPOINT_KEEP``): what a config file, and the ``config.yaml`` a run writes, is merged into."""
+    cfg = get_cfg()
+    add_iounet_config(cfg)
+    add_aerial_augment_config(cfg)
+    add_checkpoint_config(cfg)
+    return cfg
+
+
 def config_from_args(args, world_size: int = 1) -> CfgNode:
     """The frozen config of ``args.config_file`` with ``args.opts`` (``KEY VALUE`` pairs), every value checked:
     exits with one line naming the file or each bad key. ``world_size``: the number of processes the batch is
@@ -107,10 +117,7 @@ def config_from_args(args, world_size: int = 1) -> CfgNode:
     problem = config_file_problem(args.config_file)
     if problem:
         raise SystemExit(problem)
-    cfg = get_cfg()
-    add_iounet_config(cfg)
-    add_aerial_augment_config(cfg)
-    add_checkpoint_config(cfg)
+    cfg = new_config()
     try:
         safe_merge_from_file(cfg, args.config_file)
         cfg.merge_from_list(args.opts)
