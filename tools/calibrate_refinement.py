@@ -42,11 +42,15 @@ def calibrate(args):
         raise SystemExit(
             "calibrate_refinement: no held-out dataset: give --dataset NAME or set MODEL.IOU_NET.CALIBRATION.DATASET"
         )
-    if dataset in cfg.DATASETS.TEST:
-        raise SystemExit(
-            f"calibrate_refinement: {dataset} is a reporting split (DATASETS.TEST): calibrate on a held-out split "
-            "the model did not train on and that does not report"
-        )
+    for role, names in (
+        ("a reporting split (DATASETS.TEST)", cfg.DATASETS.TEST),
+        ("a training split", cfg.DATASETS.TRAIN),
+    ):
+        if dataset in names:
+            raise SystemExit(
+                f"calibrate_refinement: {dataset} is {role}: calibrate on a held-out split the model did not train "
+                "on and that does not report"
+            )
     prepare_datasets([dataset], args.register, replace=args.register_replace)
     held_out = cfg.clone()
     held_out.defrost()
