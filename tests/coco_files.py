@@ -1,6 +1,7 @@
 """Small COCO-format datasets written as real files (json + PNG images) for the tests of the checks before
 training."""
 
+import itertools
 import json
 import os
 
@@ -74,3 +75,49 @@ def write_oriented_image(path, size=(W, H), orientation=6, how="exif"):
     exif[0x0112] = orientation
     image.save(path, exif=exif)
     return pixels
+
+
+_names = itertools.count()
+
+
+def register_set(json_file, image_root, prefix="coco_files_test"):
+    """Register ``json_file`` / ``image_root`` with Detectron2 under a new name (``<prefix>_<n>``); returns it."""
+    from detectron2.data.datasets import register_coco_instances
+
+    name = f"{prefix}_{next(_names)}"
+    register_coco_instances(name, {}, json_file, image_root)
+    return name
+
+
+def preflight_cfg(train=(), test=(), num_classes=3):
+    """A Detectron2 config with ``MODEL.IOU_NET``, the given dataset names and ``NUM_CLASSES``."""
+    from detectron2.config import get_cfg
+
+    from prroi_d2 import add_iounet_config
+
+    cfg = get_cfg()
+    add_iounet_config(cfg)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(train), tuple(test)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    return cfg
+
+
+def register_gt(root, file_name, gt, width, height, categories, prefix):
+    """Write a COCO json of ``gt`` ({image id: [(category id, [x, y, w, h], iscrowd)]}, images width x height,
+    annotation ids 1..N) into ``root`` and register it; returns (name, json path, annotations)."""
+    annotations = [
+        {"id": 0, "image_id": img, "category_id": cat, "bbox": box, "area": box[2] * box[3], "iscrowd": crowd}
+        for img, anns in gt.items()
+        for cat, box, crowd in anns
+    ]
+    for i, ann in enumerate(annotations):
+        ann["id"] = i + 1
+    coco = {
+        "images": [{"id": img, "file_name": f"{img}.png", "width": width, "height": height} for img in gt],
+        "annotations": annotations,
+        "categories": [{"id": c, "name": f"class{c}"} for c in categories],
+    }
+    json_file = os.path.join(str(root), file_name)
+    with open(json_file, "w") as f:
+        json.dump(coco, f)
+    return register_set(json_file, str(root), prefix), json_file, annotations

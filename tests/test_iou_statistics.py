@@ -5,7 +5,6 @@ classes, two overlapping ground truths of one class, a crowd box and an image wi
 import json
 import math
 import os
-import uuid
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ pytest.importorskip("detectron2")
 pytest.importorskip("pycocotools")
 
 import torch  # noqa: E402
+from coco_files import register_gt  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 from prroi_d2.evaluation import IoUNetEvaluator, format_stage_table, iou_agreement  # noqa: E402
@@ -87,24 +86,9 @@ def check_against_reference(loc, annotations, results_of_stage, localization_sta
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("iou_stats")
-    annotations = [
-        {"id": 0, "image_id": img, "category_id": cat, "bbox": box, "area": box[2] * box[3], "iscrowd": crowd}
-        for img, anns in GT.items()
-        for cat, box, crowd in anns
-    ]
-    for i, ann in enumerate(annotations):
-        ann["id"] = i + 1
-    coco = {
-        "images": [{"id": img, "file_name": f"{img}.png", "width": W, "height": H} for img in GT],
-        "annotations": annotations,
-        "categories": [{"id": c, "name": f"class{c}"} for c in CATEGORIES],
-    }
-    json_file = root / "small.json"
-    json_file.write_text(json.dumps(coco))
-    name = f"iou_stats_test_{uuid.uuid4().hex[:8]}"
-    register_coco_instances(name, {}, str(json_file), str(root))
+    name, json_file, annotations = register_gt(root, "small.json", GT, W, H, CATEGORIES, "iou_stats_test")
     DatasetCatalog.get(name)
-    yield {"name": name, "json": str(json_file), "annotations": annotations}
+    yield {"name": name, "json": json_file, "annotations": annotations}
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
 

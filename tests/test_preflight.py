@@ -1,7 +1,6 @@
 """The dataset pre-flight check and decode-failure naming, on real COCO json and image files written here, read by
 real Detectron2 (catalogs, load_coco_json, DatasetMapper, data loader workers)."""
 
-import itertools
 import json
 import math
 import os
@@ -12,31 +11,16 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from coco_files import H, W, write_coco_set, write_png
-from detectron2.config import get_cfg
+from coco_files import H, W, preflight_cfg, register_set, write_coco_set, write_png
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader
-from detectron2.data.datasets import register_coco_instances
 
-from prroi_d2 import add_iounet_config
 from prroi_d2.data.coco_checks import box_problem, check_coco_dataset
 from prroi_d2.data.named_decode import ImageDecodeError, NamedDecodeErrors, decode_error_message
 from prroi_d2.data.preflight import DatasetCheckError, check_datasets, run_preflight
 
-_names = itertools.count()
-
 
 def _register(json_file, image_root):
-    name = f"preflight_test_{next(_names)}"
-    register_coco_instances(name, {}, json_file, image_root)
-    return name
-
-
-def _cfg(train=(), test=(), num_classes=3):
-    cfg = get_cfg()
-    add_iounet_config(cfg)
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(train), tuple(test)
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
-    return cfg
+    return register_set(json_file, image_root, "preflight_test")
 
 
 def _errors(tmp_path, is_eval=False, check_images="header", **kwargs):
@@ -113,11 +97,11 @@ def test_num_classes_must_match_the_json(tmp_path):
     name = _register(*write_coco_set(str(tmp_path)))
     for num_classes in (2, 5):
         with pytest.raises(DatasetCheckError) as info:
-            check_datasets(_cfg(train=[name], num_classes=num_classes))
+            check_datasets(preflight_cfg(train=[name], num_classes=num_classes))
         assert f"MODEL.ROI_HEADS.NUM_CLASSES is {num_classes} but {tmp_path / 'set.json'} has 3 categories" in str(
             info.value
         )
-    assert check_datasets(_cfg(train=[name], num_classes=3))[name].num_categories == 3
+    assert check_datasets(preflight_cfg(train=[name], num_classes=3))[name].num_categories == 3
 
 
 def test_invalid_boxes_are_errors_with_ids_or_dropped_on_request(tmp_path):
@@ -125,7 +109,7 @@ def test_invalid_boxes_are_errors_with_ids_or_dropped_on_request(tmp_path):
     json_file, image_root = write_coco_set(str(tmp_path), boxes=boxes, num_images=1)
     name = _register(json_file, image_root)
     with pytest.raises(DatasetCheckError) as info:
-        check_datasets(_cfg(train=[name]))
+        check_datasets(preflight_cfg(train=[name]))
     text = str(info.value)
     assert "1 x non-finite bbox (--invalid-boxes drop drops them): annotation 3 (image 1 0.png)" in text
     assert "1 x negative bbox width/height (--invalid-boxes drop drops them): annotation 4" in text
@@ -135,7 +119,7 @@ def test_invalid_boxes_are_errors_with_ids_or_dropped_on_request(tmp_path):
     # Detectron2 alone reads the negative-width box as one extending left: 4 boxes of 5 survive its loader.
     records = DatasetCatalog.get(name)
     assert len(records[0]["annotations"]) == 5
-    findings = run_preflight(_cfg(train=[name]), invalid_boxes="drop")[name]
+    findings = run_preflight(preflight_cfg(train=[name]), invalid_boxes="drop")[name]
     assert set(findings.warnings) == {
         "non-finite bbox (dropped)", "negative bbox width/height (dropped)", "bbox fully outside its image (dropped)",
         "zero bbox width/height (dropped, as Detectron2 drops empty boxes)",
@@ -144,7 +128,7 @@ def test_invalid_boxes_are_errors_with_ids_or_dropped_on_request(tmp_path):
 
     # Evaluation ground truth is never altered: still an error there.
     with pytest.raises(DatasetCheckError, match="evaluation ground truth is never altered"):
-        check_datasets(_cfg(test=[name]), invalid_boxes="drop")
+        check_datasets(preflight_cfg(test=[name]), invalid_boxes="drop")
 
 
 def test_sixteen_bit_images_are_refused(tmp_path):
@@ -184,7 +168,7 @@ def test_decode_failure_in_a_loader_worker_names_file_and_dataset(tmp_path):
     json_file, image_root = write_coco_set(str(tmp_path), num_images=2)
     _truncate(os.path.join(image_root, "1.png"))
     name = _register(json_file, image_root)
-    cfg = _cfg(test=[name])
+    cfg = preflight_cfg(test=[name])
     cfg.DATALOADER.NUM_WORKERS = 1
     mapper = NamedDecodeErrors(DatasetMapper(cfg, is_train=False), name)
     loader = build_detection_test_loader(cfg, name, mapper=mapper)
@@ -210,7 +194,7 @@ def test_header_check_speed_and_skipped_datasets(tmp_path, caplog):
     DatasetCatalog.register("preflight_test_no_json", lambda: [])
     start = time.process_time()  # CPU time: other processes on a shared machine do not count
     with caplog.at_level("INFO", logger="prroi_d2.data.preflight"):
-        results = check_datasets(_cfg(train=["preflight_test_no_json", name]))
+        results = check_datasets(preflight_cfg(train=["preflight_test_no_json", name]))
     seconds = time.process_time() - start
     assert results[name].counts["images"] == n and "preflight_test_no_json" not in results
     assert "'preflight_test_no_json' has no json_file/image_root metadata" in caplog.text
@@ -235,7 +219,7 @@ def test_coco_2017_conventions_pass(tmp_path):
     with open(json_file, "w") as f:
         json.dump(data, f)
     name = _register(json_file, image_root)
-    findings = check_datasets(_cfg(train=[name], test=[name]))[name]
+    findings = check_datasets(preflight_cfg(train=[name], test=[name]))[name]
     assert findings.counts["clipped boxes"] == 1 and findings.counts["images without annotations"] == 1
     assert list(findings.warnings) == ["zero bbox width/height (kept in the evaluation's ground truth)"]
     assert len(DatasetCatalog.get(name)) == 3 and MetadataCatalog.get(name).thing_classes == ["c1", "c2", "c90"]

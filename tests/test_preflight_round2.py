@@ -3,7 +3,6 @@ read by real Detectron2 and pycocotools: category order between datasets, iscrow
 json's encoding, EXIF orientation, images a resize would shrink to 0 px, and ``$PRROI_D2_DATASETS``."""
 
 import codecs
-import itertools
 import json
 import os
 import subprocess
@@ -15,37 +14,23 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch
-from coco_files import H, W, rewrite_json, write_coco_set, write_oriented_image
-from detectron2.config import get_cfg
+from coco_files import H, W, preflight_cfg, register_set, rewrite_json, write_coco_set, write_oriented_image
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.datasets import register_coco_instances
 from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 
-from prroi_d2 import add_iounet_config
 from prroi_d2.data.coco_checks import check_coco_dataset
 from prroi_d2.data.preflight import DatasetCheckError, check_datasets, run_preflight
 from prroi_d2.data.synthetic import default_datasets_root
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_names = itertools.count()
 
 
 def _register(json_file, image_root):
-    name = f"preflight2_test_{next(_names)}"
-    register_coco_instances(name, {}, json_file, image_root)
-    return name
-
-
-def _cfg(train=(), test=(), num_classes=3):
-    cfg = get_cfg()
-    add_iounet_config(cfg)
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(train), tuple(test)
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
-    return cfg
+    return register_set(json_file, image_root, "preflight2_test")
 
 
 def _check(json_file, image_root, is_eval=False, **kwargs):
@@ -100,7 +85,7 @@ def test_categories_in_another_order_are_remapped_by_name(tmp_path, caplog):
     assert _perfect_box_ap(unchecked, test) < 50
 
     with caplog.at_level("WARNING", logger="prroi_d2.data.preflight"):
-        findings = run_preflight(_cfg(train=[train], test=[test]))
+        findings = run_preflight(preflight_cfg(train=[train], test=[test]))
     assert f"{train_files[0]} vs {test_files[0]}: class 0 is 'cat' here, 'owl' there" in caplog.text
     assert "remapped by name" in caplog.text
     assert findings[train].category_remap == {1: 1, 2: 2, 3: 0}  # json id -> the test set's class index
@@ -116,7 +101,7 @@ def test_two_training_sets_in_another_order_train_as_one(tmp_path):
 
     first = _register(*_named_set(str(tmp_path / "a"), {"cat": 1, "dog": 2, "owl": 3}))
     second = _register(*_named_set(str(tmp_path / "b"), {"dog": 1, "owl": 2, "cat": 3}))
-    findings = run_preflight(_cfg(train=[first, second]))
+    findings = run_preflight(preflight_cfg(train=[first, second]))
     assert list(findings[second].warnings) == [
         f"categories in another order than {first!r}'s: remapped by name to its order"
     ]
@@ -130,7 +115,7 @@ def test_different_categories_are_refused_naming_both_files(tmp_path):
     test_files = _named_set(str(tmp_path / "test"), {"cat": 1, "dog": 2, "emu": 3})
     train, test = _register(*train_files), _register(*test_files)
     with pytest.raises(DatasetCheckError) as info:
-        check_datasets(_cfg(train=[train], test=[test]))
+        check_datasets(preflight_cfg(train=[train], test=[test]))
     assert f"{train_files[0]} vs {test_files[0]}: class 2 is 'owl' here, 'emu' there" in str(info.value)
     assert "give both files the same categories (ids and names)" in str(info.value)
 
@@ -138,7 +123,7 @@ def test_different_categories_are_refused_naming_both_files(tmp_path):
     other = _register(*_named_set(str(tmp_path / "other"), {"dog": 1, "cat": 2, "owl": 3}))
     same = _register(*train_files)
     with pytest.raises(DatasetCheckError, match="give both files the same id for each name"):
-        check_datasets(_cfg(test=[same, other]), eval_only=True)
+        check_datasets(preflight_cfg(test=[same, other]), eval_only=True)
 
 
 # --- 2-4. iscrowd, area, segmentation ----------------------------------------------------------------------------
@@ -173,7 +158,7 @@ def test_a_string_iscrowd_is_what_detectron2_drops_from_training(tmp_path):
     """The silent failure the check prevents: Detectron2's mapper drops a box whose iscrowd is "0"."""
     json_file, image_root = _set_with(tmp_path, iscrowd="0")
     record = DatasetCatalog.get(_register(json_file, image_root))[0]
-    cfg = _cfg()
+    cfg = preflight_cfg()
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (H,), 1000
     assert len(DatasetMapper(cfg, is_train=True)(record)["instances"]) == 1  # of 2 boxes
     _, text = _check(json_file, image_root)
@@ -215,15 +200,15 @@ def test_a_segmentation_without_a_valid_polygon_is_an_error_or_dropped_on_reques
     name = _register(json_file, image_root)
     assert len(DatasetCatalog.get(name)[0]["annotations"]) == 1  # Detectron2 drops the annotation (of 2)
     with pytest.raises(DatasetCheckError) as info:
-        check_datasets(_cfg(train=[name]))
+        check_datasets(preflight_cfg(train=[name]))
     assert "segmentation without a valid polygon" in str(info.value)
     assert f"annotation 1 (image 1): 'segmentation' {segmentation!r}" in str(info.value)
     assert "--invalid-boxes drop drops them" in str(info.value)
-    findings = run_preflight(_cfg(train=[name]), invalid_boxes="drop")[name]
+    findings = run_preflight(preflight_cfg(train=[name]), invalid_boxes="drop")[name]
     dropped = [k for k in findings.warnings if k.startswith("segmentation without a valid polygon")]
     assert len(dropped) == 1 and dropped[0].endswith("(dropped)")
     with pytest.raises(DatasetCheckError, match="evaluation ground truth is never altered"):
-        check_datasets(_cfg(test=[name]), invalid_boxes="drop")
+        check_datasets(preflight_cfg(test=[name]), invalid_boxes="drop")
 
 
 @pytest.mark.parametrize(
@@ -241,7 +226,7 @@ def test_a_malformed_segmentation_is_an_error_even_when_dropping(tmp_path, segme
     json_file, image_root = _set_with(tmp_path, segmentation=segmentation)
     name = _register(json_file, image_root)
     with pytest.raises(DatasetCheckError) as info:
-        check_datasets(_cfg(train=[name]), invalid_boxes="drop")
+        check_datasets(preflight_cfg(train=[name]), invalid_boxes="drop")
     assert f"'segmentation' malformed: annotation 1: {problem}" in str(info.value)
 
 
@@ -324,7 +309,7 @@ def test_a_tiff_with_an_orientation_is_refused(tmp_path, orientation):
 def test_an_image_the_resize_shrinks_to_zero_pixels_is_refused(tmp_path):
     json_file, image_root = write_coco_set(str(tmp_path), num_images=1, size=(3000, 1), boxes=((0, 0, 10, 1),))
     name = _register(json_file, image_root)
-    cfg = _cfg(train=[name])
+    cfg = preflight_cfg(train=[name])
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (640, 800), 1333
     with pytest.raises(ValueError):  # what training would meet, without the image's name
         T.ResizeShortestEdge((800,), 1333, "choice")(T.AugInput(read_image(os.path.join(image_root, "0.png"))))
@@ -338,7 +323,7 @@ def test_an_image_the_resize_shrinks_to_zero_pixels_is_refused(tmp_path):
     cfg.INPUT.MAX_SIZE_TRAIN = 6000  # 3000x1 -> 4500x2: fine
     assert check_datasets(cfg)[name].counts["images"] == 1
     with pytest.raises(DatasetCheckError, match="INPUT.MIN_SIZE_TEST 800 / INPUT.MAX_SIZE_TEST 1333"):
-        check_datasets(_cfg(test=[name]))
+        check_datasets(preflight_cfg(test=[name]))
 
 
 # --- 11. $PRROI_D2_DATASETS ----------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ image without ground truth, a crowd box) and refined boxes that get better, wors
 import json
 import math
 import os
-import uuid
 
 import pytest
 
@@ -14,8 +13,8 @@ pytest.importorskip("detectron2")
 pytest.importorskip("pycocotools")
 
 import torch  # noqa: E402
+from coco_files import register_gt  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
@@ -47,21 +46,8 @@ NUM_BINS = 10
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    annotations = []
-    for img, anns in GT.items():
-        for cat, box, crowd in anns:
-            annotations.append({"id": len(annotations) + 1, "image_id": img, "category_id": cat, "bbox": box,
-                                "area": box[2] * box[3], "iscrowd": crowd})  # fmt: skip
-    coco = {
-        "images": [{"id": img, "file_name": f"{img}.png", "width": W, "height": H} for img in GT],
-        "annotations": annotations,
-        "categories": [{"id": c, "name": f"class{c}"} for c in CATEGORIES],
-    }
-    json_file = root / "tiny.json"
-    json_file.write_text(json.dumps(coco))
-    name = f"reliability_test_{uuid.uuid4().hex[:8]}"
-    register_coco_instances(name, {}, str(json_file), str(root))
-    yield {"name": name, "json": str(json_file), "annotations": annotations}
+    name, json_file, annotations = register_gt(root, "tiny.json", GT, W, H, CATEGORIES, "reliability_test")
+    yield {"name": name, "json": json_file, "annotations": annotations}
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
 
