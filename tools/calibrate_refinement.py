@@ -20,10 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from detectron2.utils import comm  # noqa: E402
-from train_net import argument_parser  # noqa: E402
+from train_net import argument_parser, launch_checked  # noqa: E402
 
 from prroi_d2.data.preflight import run_preflight  # noqa: E402
-from prroi_d2.engine import launch  # noqa: E402
 from prroi_d2.engine.calibration import calibrate_and_save  # noqa: E402
 from prroi_d2.engine.checkpoint import load_weights_for_eval  # noqa: E402
 from prroi_d2.engine.steps import one_line_errors, prepare_datasets  # noqa: E402
@@ -73,11 +72,4 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     args.eval_only = True
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_checked(main, args)

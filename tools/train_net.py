@@ -78,11 +78,17 @@ def argument_parser():
 def invoke_main() -> None:
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
+    launch_checked(main, args)
+
+
+def launch_checked(main_fn, args) -> None:
+    """``launch(main_fn, ...)`` over ``args.num_gpus`` x ``args.num_machines`` processes; with several, the config
+    is checked before they start (a single process checks it first thing in ``main_fn``)."""
     world_size = args.num_gpus * args.num_machines
-    if world_size > 1:  # checked before the processes start (a single process checks it first thing in main)
+    if world_size > 1:
         trainer_of(args.config_file).config_from_args(args, world_size=world_size)
     launch(
-        main,
+        main_fn,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,

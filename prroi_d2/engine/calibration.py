@@ -31,9 +31,11 @@ import detectron2.utils.comm as comm
 import torch
 from detectron2.engine import HookBase
 from detectron2.evaluation.evaluator import inference_context
+from detectron2.structures import Boxes, Instances
 
 from prroi_d2.evaluation.coco_stages import coco_stage_metrics
 from prroi_d2.evaluation.iounet_evaluator import IoUNetEvaluator
+from prroi_d2.evaluation.records import instances_to_records
 from prroi_d2.modeling.refine_acceptance import accept_refinement
 from prroi_d2.modeling.stages import BASELINE, IOU_NMS, REFINED
 
@@ -139,9 +141,9 @@ def _collect(model, data_loader, nms: bool, step: float, max_iter: int) -> List[
                     images.append(
                         {
                             "image_id": inp["image_id"],
-                            "baseline": _fields(stages[BASELINE]) if BASELINE in stages else None,
+                            BASELINE: _fields(stages[BASELINE]) if BASELINE in stages else None,
                             "plain": _fields(plain),
-                            "refined": _fields(refined),
+                            REFINED: _fields(refined),
                         }
                     )
     finally:
@@ -175,11 +177,11 @@ def _records(images: List[Dict], part: str, dataset_ids: Sequence[int], score, a
         boxes, ious = f["boxes"], f.get("ious")
         if accept is not None:
             boxes, ious = accept_refinement(f["boxes_initial"], boxes, f["ious_initial"], ious, *accept)
-        scores = f["scores"] if ious is None or part == "baseline" else score(f["scores"], ious)
-        xywh = boxes.clone()
-        xywh[:, 2:] -= xywh[:, :2]
-        for b, s, c in zip(xywh.tolist(), scores.tolist(), f["classes"].tolist()):
-            records.append({"image_id": image["image_id"], "category_id": dataset_ids[c], "bbox": b, "score": s})
+        scores = f["scores"] if ious is None or part == BASELINE else score(f["scores"], ious)
+        detections = Instances((0, 0), pred_boxes=Boxes(boxes), scores=scores, pred_classes=f["classes"])
+        for record in instances_to_records(detections, image["image_id"]):
+            record["category_id"] = dataset_ids[record["category_id"]]
+            records.append(record)
     return records
 
 
@@ -234,7 +236,7 @@ def calibrate(model, cfg, dataset_name: str, data_loader, collect=None) -> Tuple
         for margin in grid.MARGINS:
             for low, high in grid.IOU_RANGES:
                 setting = CalibrationSetting(nms, True, step, max_iter, float(margin), (float(low), float(high)))
-                results[setting] = evaluate(images, setting, "refined", (setting.margin, setting.iou_range))
+                results[setting] = evaluate(images, setting, REFINED, (setting.margin, setting.iou_range))
 
     try:
         results = {}
@@ -242,7 +244,7 @@ def calibrate(model, cfg, dataset_name: str, data_loader, collect=None) -> Tuple
             images = collect(True, float(step), int(max_iter))
             if i == 0:  # the stages without refinement do not depend on the refinement grid
                 off = CalibrationSetting(nms=False, refine=False, step=original.step, max_iter=original.max_iter)
-                results[off] = evaluate(images, off, "baseline")
+                results[off] = evaluate(images, off, BASELINE)
                 results[replace(off, nms=True)] = evaluate(images, replace(off, nms=True), "plain")
             evaluate_rules(images, True, float(step), int(max_iter))
         # Refinement after Detectron2's NMS, with the (step, T) of the best refinement after IoU-guided NMS.
