@@ -8,7 +8,7 @@ demo: env
 	PYTHONPATH=$(CURDIR) .venv/bin/python tools/train_net.py --config-file configs/iounet_synthetic_R18.yaml
 
 test: env lint
-	PYTHONPATH=$(CURDIR) .venv/bin/python -m pytest tests -q -p no:cacheprovider
+	PYTHONPATH=$(CURDIR) .venv/bin/python -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder
 
 lint:
 	.venv/bin/ruff check .

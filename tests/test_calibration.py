@@ -12,6 +12,7 @@ import json
 import os
 
 import pytest
+import tool_processes
 
 pytest.importorskip("detectron2")
 pytest.importorskip("pycocotools")
@@ -224,11 +225,11 @@ def _tiny_run(data, output_dir, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_training_ends_with_calibration_and_the_tool_repeats_it(tmp_path):
     """Real processes: a training calibrates on its held-out split before its final evaluation and writes the
     choice into OUTPUT_DIR/config.yaml; tools/calibrate_refinement.py does the same for the trained model and
     refuses a reporting split as its held-out set."""
-    import subprocess
     import sys
 
     from prroi_d2.data.synthetic import generate_synthetic_coco
@@ -239,7 +240,7 @@ def test_training_ends_with_calibration_and_the_tool_repeats_it(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     train = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file"]
     out = tmp_path / "run"
-    done = subprocess.run(
+    done = tool_processes.run(
         train + [os.path.join(ROOT, "configs", "iounet_synthetic_R18.yaml")]
         + _tiny_run(data, out, "MODEL.IOU_NET.CALIBRATION.DATASET", "cal_holdout"),
         env=env, capture_output=True, text=True, timeout=600,
@@ -256,7 +257,7 @@ def test_training_ends_with_calibration_and_the_tool_repeats_it(tmp_path):
         k: tuple(v) if isinstance(v, list) else v for k, v in record["chosen"].items()})  # fmt: skip
 
     # The run's config (with the choice) exports as it is.
-    exported = subprocess.run(
+    exported = tool_processes.run(
         [sys.executable, os.path.join(ROOT, "tools", "export_model.py"), "--config-file", str(out / "config.yaml"),
          "--output", str(tmp_path / "export"), "--num-images", "2"]
         + [a for name in sorted(os.listdir(os.path.join(data, "val")))[:2]
@@ -267,14 +268,14 @@ def test_training_ends_with_calibration_and_the_tool_repeats_it(tmp_path):
     assert exported.returncode == 0, (exported.stdout + exported.stderr)[-3000:]
 
     tool = [sys.executable, os.path.join(ROOT, "tools", "calibrate_refinement.py")]
-    again = subprocess.run(
+    again = tool_processes.run(
         tool + ["--dataset", "cal_holdout", "--config-file", str(out / "config.yaml")]
         + _tiny_run(data, tmp_path / "again", "MODEL.WEIGHTS", str(out / "model_final.pth")),
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert json.loads((tmp_path / "again" / "calibration.json").read_text())["rows"] == record["rows"]
-    refused = subprocess.run(
+    refused = tool_processes.run(
         tool + ["--dataset", "cal_val", "--config-file", str(out / "config.yaml")]
         + _tiny_run(data, tmp_path / "refused", "MODEL.WEIGHTS", str(out / "model_final.pth")),
         env=env, capture_output=True, text=True, timeout=600,

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import tool_processes
 import torch
 
 pytest.importorskip("detectron2")
@@ -169,6 +170,7 @@ def _tiny(output_dir, max_iter):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_training_killed_while_writing_a_checkpoint_resumes(tmp_path):
     """Kill a real training run while it writes its second checkpoint: the half-written bytes never take the
     checkpoint's name and last_checkpoint still names the first one. Then the same bytes as the latest checkpoint
@@ -210,7 +212,7 @@ def test_training_killed_while_writing_a_checkpoint_resumes(tmp_path):
 
     (tmp_path / "model_0000003.pth").write_bytes(partial)
     (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
-    resumed = subprocess.run(cmd + ["--resume"] + _tiny(tmp_path, 6), env=env, capture_output=True, text=True,
+    resumed = tool_processes.run(cmd + ["--resume"] + _tiny(tmp_path, 6), env=env, capture_output=True, text=True,
                              timeout=300)  # fmt: skip
     printed = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, printed[-3000:]
@@ -323,12 +325,12 @@ def test_a_run_keeps_only_model_final_and_refuses_to_resume_with_another_model(t
     one line before training. (Another NUM_CLASSES on the same data is stopped earlier by the pre-flight check.)"""
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, TRAIN_NET, "--config-file", SYNTHETIC]
-    first = subprocess.run(cmd + _tiny(tmp_path, 4), env=env, capture_output=True, text=True, timeout=600)
+    first = tool_processes.run(cmd + _tiny(tmp_path, 4), env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     assert "Saving checkpoint to " + str(tmp_path / "model_0000001.pth") in first.stderr + first.stdout
     assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pth")) == ["model_final.pth"]
 
-    other = subprocess.run(cmd + ["--resume"] + _tiny(tmp_path, 6) + ["MODEL.ROI_BOX_HEAD.FC_DIM", "16"], env=env,
+    other = tool_processes.run(cmd + ["--resume"] + _tiny(tmp_path, 6) + ["MODEL.ROI_BOX_HEAD.FC_DIM", "16"], env=env,
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     printed = other.stdout + other.stderr
     assert other.returncode == 1, printed[-3000:]

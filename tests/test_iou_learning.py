@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow(seconds=90)
 def test_demo_config_learns_with_the_seed_that_stalled(tmp_path):
     table = tmp_path / "table.json"
     tool = os.path.join(ROOT, "tools", "experiments", "check_iou_learning.py")

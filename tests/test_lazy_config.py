@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import tool_processes
 import torch
 
 pytest.importorskip("detectron2")
@@ -126,7 +127,7 @@ def test_train_net_trains_and_evaluates_every_stage_from_a_lazy_config(tmp_path)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     config = os.path.join(REPO, "configs", "lazy", "iounet_cascade_synthetic_R18.py")
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config, *register, *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = tool_processes.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "model_final.pth").exists()
     with open(out / "inference" / "iounet_stages.json") as f:
@@ -187,7 +188,7 @@ def test_lazy_training_names_an_image_that_does_not_decode(tmp_path):
                  "dataloader.train.num_workers=1", "model.roi_heads.num_classes=3"]  # fmt: skip
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config,
            "--register", "broken", json_file, image_root, *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True,
+    proc = tool_processes.run(cmd, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -200,7 +201,7 @@ def test_lazy_values_are_checked_before_training_with_their_keys(tmp_path):
     overrides = ["model.roi_heads.iou_branch.refine_step=-1.0", "model.roi_heads.iou_branch.nms_thresh=1.5",
                  "train.max_iter=abc", f"train.output_dir={tmp_path / 'out'}"]  # fmt: skip
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config, *overrides]
-    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True,
+    proc = tool_processes.run(cmd, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     printed = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" not in printed and "Starting training" not in printed, printed[-3000:]

@@ -4,11 +4,11 @@ training on tree tiles whose loss falls."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+import tool_processes
 
 from prroi_d2.data import neon_trees
 from prroi_d2.data.neon_trees import (
@@ -174,6 +174,7 @@ def test_offline_error_names_package_command_and_place(tmp_path, monkeypatch):
     assert leftovers == [str(root / "downloads")], leftovers
 
 
+@pytest.mark.slow
 def test_training_on_tree_tiles_loss_falls(data_dir, tmp_path):
     """tools/train_net.py on the tree config (tiny: 96 px crops, 2 per batch, 40 iterations): the loss falls."""
     out = tmp_path / "run"
@@ -188,7 +189,7 @@ def test_training_on_tree_tiles_loss_falls(data_dir, tmp_path):
     ]  # fmt: skip
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file"]
     cmd += [os.path.join(ROOT, "configs", "iounet_trees_R18.yaml")] + opts
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = tool_processes.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "metrics.json", encoding="utf-8") as f:
         records = [r for r in map(json.loads, f) if "total_loss" in r]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import tool_processes
 import torch
 
 pytest.importorskip("detectron2")
@@ -47,7 +48,7 @@ def test_a_second_run_refuses_a_folder_in_use(tmp_path):
         record = json.loads((out / LOCK).read_text())
         assert record["pid"] == owner.pid
         cmd = [sys.executable, TRAIN_NET, "--config-file", SYNTHETIC, "OUTPUT_DIR", str(out), "MODEL.DEVICE", "cpu"]
-        second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        second = tool_processes.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
         assert second.returncode != 0
         assert "Traceback" not in second.stderr, second.stderr[-3000:]
         expected = f"OUTPUT_DIR {out} is in use by another run (pid {owner.pid} on {record['host']}, started"

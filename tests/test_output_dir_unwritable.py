@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import tool_processes
 import torch
 
 pytest.importorskip("detectron2")
@@ -45,7 +46,7 @@ def test_train_net_names_an_unwritable_output_dir(tmp_path):
         pytest.skip("no folder here that this user cannot write")
     for out in dirs[:1]:  # an existing folder (a missing one fails the same way, at its creation)
         cmd = [sys.executable, TRAIN_NET, "--config-file", SYNTHETIC, "OUTPUT_DIR", out, "MODEL.DEVICE", "cpu"]
-        result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        result = tool_processes.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
         lines = [line for line in result.stderr.splitlines() if line.startswith("OUTPUT_DIR")]

@@ -5,11 +5,11 @@ json's encoding, EXIF orientation, images a resize would shrink to 0 px, and ``$
 import codecs
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+import tool_processes
 
 pytest.importorskip("detectron2")
 
@@ -342,7 +342,7 @@ def test_datasets_root_pointing_at_a_file_is_one_line(tmp_path, monkeypatch):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PRROI_D2_DATASETS=str(a_file))
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
            os.path.join(REPO, "configs", "iounet_synthetic_R18.yaml"), "OUTPUT_DIR", str(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = tool_processes.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"PRROI_D2_DATASETS='{a_file}': {a_file} is a file")
 

@@ -113,6 +113,7 @@ def _pycocotools_stats(gt_json, results_json):
     return evaluator.stats
 
 
+@pytest.mark.slow(seconds=20)
 def test_train_then_evaluate_every_stage(trained, coco_root):
     out, proc, _ = trained
     assert os.path.exists(out / "model_final.pth")
@@ -151,6 +152,7 @@ def test_missing_coco_gives_one_clear_message(tmp_path):
     assert "configs/iounet_synthetic_R18.yaml" in proc.stderr
 
 
+@pytest.mark.slow(seconds=20)
 def test_two_process_cpu_training(coco_root, tmp_path):
     proc = _run(["--num-gpus", "2", *_tiny(tmp_path, 2, "TEST.EVAL_PERIOD", "0")], coco_root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,12 +4,12 @@ model zoo's pickles (numpy arrays in dicts) still load. Each payload is shown to
 
 import os
 import pickle
-import subprocess
 import sys
 from collections import OrderedDict
 
 import numpy as np
 import pytest
+import tool_processes
 import torch
 
 pytest.importorskip("detectron2")
@@ -129,7 +129,7 @@ def test_train_net_refuses_a_yaml_config_with_a_python_tag(tmp_path):
     _evil_yaml(evil, marker, base=os.path.join(REPO, "configs", "iounet_synthetic_R18.yaml"))
     env = dict(os.environ, PYTHONPATH=REPO)
     cmd = [sys.executable, TRAIN_NET, "--config-file", str(evil), "OUTPUT_DIR", str(tmp_path / "out")]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = tool_processes.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"YAML tag !!python/object/apply:os.system in {evil}, line 3 would run Python code" in result.stderr
