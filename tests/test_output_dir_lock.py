@@ -5,7 +5,6 @@ exception; and two processes saving the same checkpoint name at once do not coll
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -35,8 +34,7 @@ if sys.argv[2] == "wait":
 
 
 def _holder(output_dir, then):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(output_dir), then], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = tool_processes.start([sys.executable, "-c", HOLDER, str(output_dir), then], env=ENV)
     assert proc.stdout.readline().strip() == "locked", proc.stderr.read()
     return proc
 
@@ -68,8 +66,7 @@ def test_a_killed_runs_lock_is_taken_over_with_a_warning(tmp_path):
     dead.wait()
     assert json.loads((out / LOCK).read_text())["pid"] == dead.pid
 
-    heir = subprocess.run([sys.executable, "-c", HOLDER, str(out), "exit"], env=ENV, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    heir = tool_processes.run([sys.executable, "-c", HOLDER, str(out), "exit"], env=ENV, timeout=120)
     assert heir.returncode == 0, heir.stderr[-3000:]
     assert f"OUTPUT_DIR {out}: taking over the lock left by a run that ended without releasing it (pid {dead.pid}" in (
         heir.stderr
@@ -104,8 +101,7 @@ for i in range(30):
 def test_two_processes_saving_one_checkpoint_name_do_not_collide(tmp_path):
     """With one temporary name for every process (NAME.pth.tmp), one of them dies renaming a file the other
     already renamed. Each process now writes its own NAME.pth.tmp.<pid>."""
-    procs = [subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), str(seed)], env=ENV, text=True,
-                              stderr=subprocess.PIPE) for seed in (0, 1)]  # fmt: skip
+    procs = [tool_processes.start([sys.executable, "-c", SAVER, str(tmp_path), str(seed)], env=ENV) for seed in (0, 1)]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]

@@ -69,8 +69,7 @@ except CheckpointWriteError as e:
 
 
 def test_a_checkpoint_that_does_not_fit_leaves_nothing_behind(tmp_path):
-    result = subprocess.run([sys.executable, "-c", SAVER, str(tmp_path)], env=ENV, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = tool_processes.run([sys.executable, "-c", SAVER, str(tmp_path)], env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith(f"Cannot write checkpoint {tmp_path / 'model_0000003.pth'}: File too large")
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]  # no .tmp, nothing replaced
