@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -32,8 +34,6 @@ def pytest_collection_modifyitems(config, items):
 def pytest_sessionstart(session):
     """Under pytest-xdist (``-n 2`` in the Makefile) each worker and the processes its tests start compute on one
     thread: two workers share the machine's cores instead of oversubscribing them."""
-    import os
-
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ["MKL_NUM_THREADS"] = "1"
