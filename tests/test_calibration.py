@@ -10,6 +10,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 import tool_processes
@@ -230,8 +231,6 @@ def test_training_ends_with_calibration_and_the_tool_repeats_it(tmp_path):
     """Real processes: a training calibrates on its held-out split before its final evaluation and writes the
     choice into OUTPUT_DIR/config.yaml; tools/calibrate_refinement.py does the same for the trained model and
     refuses a reporting split as its held-out set."""
-    import sys
-
     from prroi_d2.data.synthetic import generate_synthetic_coco
 
     data = str(tmp_path / "data")
@@ -282,3 +281,16 @@ def test_training_ends_with_calibration_and_the_tool_repeats_it(tmp_path):
     )  # fmt: skip
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "cal_val is a reporting split (DATASETS.TEST)" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_the_tool_names_a_lazy_config_as_unsupported_in_one_line():
+    config = os.path.join(ROOT, "configs", "lazy", "iounet_cascade_synthetic_R18.py")
+    tool = os.path.join(ROOT, "tools", "calibrate_refinement.py")
+    done = tool_processes.run([sys.executable, tool, "--config-file", config, "--dataset", "iounet_synth_holdout"],
+                              env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    expected = (
+        f"--config-file {config}: a LazyConfig; the calibration reads YAML configs only (a LazyConfig takes chosen "
+        "values under model.roi_heads.iou_branch, named in the README's option table)"
+    )
+    assert done.stderr.strip().splitlines()[-1].endswith(expected), done.stderr[-2000:]

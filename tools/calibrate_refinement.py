@@ -71,5 +71,10 @@ if __name__ == "__main__":
         "--dataset", default="", help="the held-out dataset (default MODEL.IOU_NET.CALIBRATION.DATASET)"
     )
     args = parser.parse_args()
+    if args.config_file.endswith(".py"):
+        parser.error(
+            f"--config-file {args.config_file}: a LazyConfig; the calibration reads YAML configs only (a LazyConfig "
+            "takes chosen values under model.roi_heads.iou_branch, named in the README's option table)"
+        )
     args.eval_only = True
     launch_checked(main, args)
