@@ -2,12 +2,12 @@
 processes, without paying for ``import torch`` and Detectron2 in each of them.
 
 A command such as ``tools/train_net.py`` spends about 3.5 s of a 2-core machine importing torch, torchvision and
-Detectron2 before it reads its arguments, and the suite starts it dozens of times. :func:`run_tool` starts each
-command as a new process forked from one server process that imported those packages once (``multiprocessing``'s
-forkserver with a preload list, one server per pytest process). The child is a real process: its own pid, the
-given environment, working folder and ``sys.argv``, the tool run as ``__main__``, stdout and stderr in files or
-pipes, signals, and Python's exit status (``sys.exit`` codes, 1 after an uncaught exception with its traceback on
-stderr, death by SIGINT after an uncaught ``KeyboardInterrupt``; exit handlers run).
+Detectron2 before it reads its arguments, and the suite starts it dozens of times. :func:`run` and :func:`start`
+start each command as a new process forked from one server process that imported those packages once
+(``multiprocessing``'s forkserver with a preload list, one server per pytest process). The child is a real process:
+its own pid, the given environment, working folder and ``sys.argv``, the tool run as ``__main__``, stdout and stderr
+in files or pipes, signals, and Python's exit status (``sys.exit`` codes, 1 after an uncaught exception with its
+traceback on stderr, death by SIGINT after an uncaught ``KeyboardInterrupt``; exit handlers run).
 
 What a preloaded module read from the environment when it was imported cannot change per child, so a command
 whose environment changes such a variable (:data:`IMPORT_TIME_VARIABLES`) is started as a plain subprocess.
