@@ -1,8 +1,9 @@
 """The suite's runner of command-line tools (tests/tool_processes.py) behaves as ``python script.py`` in a new process:
 same exit status, stdout and stderr as subprocess.run for a script that reads its arguments, environment and working
 folder, exits in each way Python can, and registers exit handlers; a run past its timeout raises as subprocess.run
-does; a started ``python -c`` streams its output and dies by SIGINT as Popen's does; a changed import-time variable
-falls back to a plain subprocess."""
+does; a started ``python -c`` streams its output and dies by SIGINT as Popen's does; Detectron2's builtin datasets
+follow the command's ``$DETECTRON2_DATASETS``; another changed import-time variable falls back to a plain
+subprocess."""
 
 import os
 import signal
@@ -63,7 +64,7 @@ def test_a_run_past_its_timeout_raises_and_is_killed(script):
 def test_a_changed_import_time_variable_runs_a_plain_subprocess(script, monkeypatch):
     forked = []
     monkeypatch.setattr(tool_processes, "_forkserver", lambda: forked.append(1))
-    env = dict(os.environ, DETECTRON2_DATASETS="/somewhere/else")
+    env = dict(os.environ, MPLBACKEND="pdf")
     done = tool_processes.run([sys.executable, script, "ok"], env=env, timeout=60)
     assert done.returncode == 0 and "exit handler ran" in done.stdout and not forked
 
@@ -87,3 +88,17 @@ def test_started_code_streams_its_output_and_dies_by_sigint_after_its_exit_handl
 
 def subprocess_popen(command):
     return subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_builtin_datasets_follow_the_commands_detectron2_datasets(tmp_path):
+    code = (
+        "from detectron2.data import DatasetCatalog, MetadataCatalog\n"
+        "print(MetadataCatalog.get('coco_2017_val').json_file, MetadataCatalog.get('coco_2017_val').image_root)\n"
+        "print(len(DatasetCatalog.list()), 'datasets')\n"
+    )
+    command = [sys.executable, "-c", code]
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path))
+    want = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    got = tool_processes.run(command, env=env, timeout=120)
+    assert got.returncode == want.returncode == 0, got.stderr[-2000:]
+    assert got.stdout == want.stdout and str(tmp_path / "coco" / "val2017") in got.stdout

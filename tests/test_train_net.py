@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import tool_processes
 import torch
 
 pytest.importorskip("detectron2")
@@ -46,10 +47,10 @@ def _tiny(output_dir, max_iter, *extra):
     ]  # fmt: skip
 
 
-def _run(args, datasets, timeout=600, **kwargs):
+def _run(args, datasets, timeout=600):
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(REPO, "configs", "iounet_R50.yaml"), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return tool_processes.run(cmd, env=env, timeout=timeout)
 
 
 def _coco_layout(root, seed=0):

@@ -10,7 +10,8 @@ in files or pipes, signals, and Python's exit status (``sys.exit`` codes, 1 afte
 traceback on stderr, death by SIGINT after an uncaught ``KeyboardInterrupt``; exit handlers run).
 
 What a preloaded module read from the environment when it was imported cannot change per child, so a command
-whose environment changes such a variable (:data:`IMPORT_TIME_VARIABLES`) is started as a plain subprocess.
+whose environment changes such a variable (:data:`IMPORT_TIME_VARIABLES`) is started as a plain subprocess; the
+exception is ``$DETECTRON2_DATASETS``, under which the child registers Detectron2's builtin datasets again.
 Tests about a fresh interpreter itself (what gets imported, resource limits) use ``subprocess``.
 """
 
@@ -23,7 +24,7 @@ import tempfile
 from typing import Dict, List, Optional, Sequence
 
 # Imported once in the server; none of them reads a variable of a test's environment when imported, except those in
-# IMPORT_TIME_VARIABLES (detectron2.data registers the builtin datasets under $DETECTRON2_DATASETS).
+# IMPORT_TIME_VARIABLES and $DETECTRON2_DATASETS (detectron2.data registers its builtin datasets under it).
 PRELOAD = [
     "torch",
     "torchvision",
@@ -37,7 +38,7 @@ PRELOAD = [
     "detectron2.modeling",
     "detectron2.checkpoint",
 ]
-IMPORT_TIME_VARIABLES = ("DETECTRON2_DATASETS", "DETECTRON2_ENV_MODULE", "DETECTRON2_DISABLE_CV2", "MPLBACKEND")
+IMPORT_TIME_VARIABLES = ("DETECTRON2_ENV_MODULE", "DETECTRON2_DISABLE_CV2", "MPLBACKEND")
 
 _context = None
 
@@ -59,8 +60,11 @@ def _child(command: List[str], env: Dict[str, str], cwd: Optional[str], stdout, 
     import runpy
     import traceback
 
+    server_datasets = os.environ.get("DETECTRON2_DATASETS")
     os.environ.clear()
     os.environ.update(env)
+    if env.get("DETECTRON2_DATASETS") != server_datasets:
+        _register_builtin_datasets_again()
     if cwd:
         os.chdir(cwd)
     for fd, target in ((1, stdout), (2, stderr)):
@@ -114,6 +118,20 @@ def _child(command: List[str], env: Dict[str, str], cwd: Optional[str], stdout, 
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
+
+
+def _register_builtin_datasets_again() -> None:
+    """Detectron2's builtin datasets (COCO, LVIS, ...) under this process's ``$DETECTRON2_DATASETS``: the server's
+    import of ``detectron2.data`` registered them under the server's; nothing else is registered in the server."""
+    import importlib
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import builtin
+
+    for name in list(DatasetCatalog.keys()):
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    importlib.reload(builtin)
 
 
 def _forkable(command: Sequence[str], env: Dict[str, str]) -> bool:
