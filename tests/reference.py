@@ -143,6 +143,22 @@ def reference_box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def reference_true_iou(annotations, image_id, category_id, box) -> float:
+    """Best IoU of ``box`` (XYWH) with a non-crowd ground truth (COCO ``annotations``) of the image and category, in
+    plain Python floats; 0 when there is none."""
+    x, y, w, h = (float(v) for v in box)
+    best = 0.0
+    for ann in annotations:
+        if ann["image_id"] != image_id or ann["category_id"] != category_id or ann["iscrowd"]:
+            continue
+        gx, gy, gw, gh = (float(v) for v in ann["bbox"])
+        iw = max(0.0, min(x + w, gx + gw) - max(x, gx))
+        ih = max(0.0, min(y + h, gy + gh) - max(y, gy))
+        union = w * h + gw * gh - iw * ih
+        best = max(best, iw * ih / union if union > 0 else 0.0)
+    return best
+
+
 def random_features(shape, dtype=torch.float64, device="cpu", seed=0) -> Tensor:
     """Standard-normal features of ``shape``, drawn in float64 from ``seed`` (the same values for every dtype)."""
     g = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from coco_files import register_gt  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
+from reference import reference_true_iou  # noqa: E402
 
 from prroi_d2.evaluation import IoUNetEvaluator, format_stage_table, iou_agreement  # noqa: E402
 
@@ -29,26 +30,11 @@ GT = {
 STAGES = ("baseline", "iou_nms", "refined")
 
 
-def reference_true_iou(annotations, record, box_key):
-    """Best IoU of the record's box with a non-crowd ground truth of its image and category, in plain Python floats."""
-    x, y, w, h = (float(v) for v in record[box_key])
-    best = 0.0
-    for ann in annotations:
-        if ann["image_id"] != record["image_id"] or ann["category_id"] != record["category_id"] or ann["iscrowd"]:
-            continue
-        gx, gy, gw, gh = (float(v) for v in ann["bbox"])
-        iw = max(0.0, min(x + w, gx + gw) - max(x, gx))
-        ih = max(0.0, min(y + h, gy + gh) - max(y, gy))
-        union = w * h + gw * gh - iw * ih
-        best = max(best, iw * ih / union if union > 0 else 0.0)
-    return best
-
-
 def reference_agreement(annotations, records, box_key="bbox", iou_key="iou", min_iou=0.0):
     """(Pearson r, mean |pred - true|, n) over the records with true IoU >= min_iou, from the textbook formulas."""
     pairs = []
     for record in records:
-        true = reference_true_iou(annotations, record, box_key)
+        true = reference_true_iou(annotations, record["image_id"], record["category_id"], record[box_key])
         if true >= min_iou:
             pairs.append((float(record[iou_key]), true))
     n = len(pairs)
@@ -137,9 +123,17 @@ def test_all_detection_statistics_equal_plain_loop_reference(small, tmp_path):
         with open(os.path.join(tmp_path, f"coco_instances_results_{stage}.json")) as f:
             records[stage] = json.load(f)
     crowd_record = next(r for r in records["refined"] if r["image_id"] == 2 and r["bbox"] == [100.0, 100.0, 40.0, 40.0])
-    assert reference_true_iou(small["annotations"], crowd_record, "bbox") == 0.0
+    assert (
+        reference_true_iou(
+            small["annotations"], crowd_record["image_id"], crowd_record["category_id"], crowd_record["bbox"]
+        )
+        == 0.0
+    )
     # The data exercise every case: unmatched detections (true IoU 0 and in (0, 0.5)) and matches.
-    true = [reference_true_iou(small["annotations"], r, "bbox") for r in records["baseline"]]
+    true = [
+        reference_true_iou(small["annotations"], r["image_id"], r["category_id"], r["bbox"])
+        for r in records["baseline"]
+    ]
     assert min(true) == 0.0 and any(0 < t < 0.5 for t in true) and sum(t >= 0.5 for t in true) >= 5
     check_against_reference(loc, small["annotations"], records, "refined")
     # Unmatched detections make the all-detection statistics differ from the matched ones.

@@ -17,6 +17,7 @@ from coco_files import register_gt  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
+from reference import reference_true_iou  # noqa: E402
 
 from prroi_d2.evaluation.iounet_evaluator import IoUNetEvaluator  # noqa: E402
 from prroi_d2.evaluation.reliability import refinement_reliability, reliability_bins  # noqa: E402
@@ -50,21 +51,6 @@ def dataset(tmp_path_factory):
     yield {"name": name, "json": json_file, "annotations": annotations}
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
-
-
-def reference_true_iou(annotations, image_id, category_id, box):
-    """Best IoU of ``box`` (XYWH) with a non-crowd ground truth of the image and category, plain Python floats."""
-    x, y, w, h = (float(v) for v in box)
-    best = 0.0
-    for ann in annotations:
-        if ann["image_id"] != image_id or ann["category_id"] != category_id or ann["iscrowd"]:
-            continue
-        gx, gy, gw, gh = (float(v) for v in ann["bbox"])
-        iw = max(0.0, min(x + w, gx + gw) - max(x, gx))
-        ih = max(0.0, min(y + h, gy + gh) - max(y, gy))
-        union = w * h + gw * gh - iw * ih
-        best = max(best, iw * ih / union if union > 0 else 0.0)
-    return best
 
 
 def reference_bins(triples):
