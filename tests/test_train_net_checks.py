@@ -3,14 +3,15 @@ message naming the file or setting (no traceback), before any model is built whe
 
 import argparse
 import os
+import sys
 
 import pytest
 import torch
 
 pytest.importorskip("detectron2")
 
+import tool_processes
 from coco_files import write_coco_set
-from tool_processes import run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
@@ -26,7 +27,9 @@ def _run(tmp_path, *args, timeout=300, after=(), config=SYNTHETIC):
             "MODEL.IOU_NET.HEAD.FC_DIM", "32", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
             "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "DATALOADER.NUM_WORKERS", "1",
             "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path / "out")]  # fmt: skip
-    proc = run_tool(TRAIN_NET, ["--config-file", config, *args, *tiny, *after], env=env, timeout=timeout)
+    proc = tool_processes.run(
+        [sys.executable, TRAIN_NET, "--config-file", config, *args, *tiny, *after], env=env, timeout=timeout
+    )
     return proc.returncode, proc.stdout + proc.stderr, proc.stderr.strip().splitlines()
 
 
@@ -171,7 +174,7 @@ def test_config_files_that_cannot_be_read_are_named_in_one_line(tmp_path):
 
     cases = _config_cases(tmp_path)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = run_tool(TRAIN_NET, ["--config-file", cases[0][0]], env=env, timeout=300)
+    proc = tool_processes.run([sys.executable, TRAIN_NET, "--config-file", cases[0][0]], env=env, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == cases[0][1]
     for config, expected in cases:

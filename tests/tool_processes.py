@@ -219,8 +219,3 @@ def run(
         with open(out, errors="replace") as f, open(err, errors="replace") as g:
             stdout, stderr = f.read(), g.read()
     return subprocess.CompletedProcess(command, process.exitcode, stdout, stderr)
-
-
-def run_tool(script: str, args: Sequence[str] = (), **kwargs) -> subprocess.CompletedProcess:
-    """:func:`run` of ``python script args...``."""
-    return run([sys.executable, script, *args], **kwargs)
